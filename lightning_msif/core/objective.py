@@ -1,0 +1,205 @@
+"""A model, a per-example loss and the examples it averages over, made functional.
+
+Everything the formulas need from one stage lives here: per-example losses at substituted
+parameters (``torch.func.functional_call``), per-example gradients (``vmap(grad)``), directional
+derivatives (``jvp``) and Hessian-vector products (forward-over-reverse) summed over a sharded set
+of examples. Memory is bounded by ``chunk_size`` examples × parameters at any time.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+from torch.utils._pytree import tree_map
+
+from ..errors import MSIFError
+from .comm import Communicator, LocalComm, shard_range
+from .data import ExampleSource, batch_size_of, slice_batch, to_device
+from .params import Params, ParamSpace, detached_params
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+"""``(model, batch) -> per-example losses of shape [batch size]``."""
+
+# Per-example gradient chunks are sized to stay under this many bytes when chunk_size is not given.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Default per-example loss: cross-entropy of ``model(x)`` against ``y`` for ``(x, y)`` batches."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise MSIFError(
+            "The default loss expects (x, y) batches; this batch is a "
+            f"{type(batch).__name__}. Pass loss_fn=lambda model, batch: <per-example losses, shape [B]>."
+        )
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+class _Bound(nn.Module):
+    """``model`` and ``loss_fn`` as one module, so ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+@contextmanager
+def evaluation(*models: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm/Dropout frozen), autograd on even inside ``inference_mode``; restored after."""
+    states = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for m, s in zip(models, states):
+            m.train(s)
+
+
+def _batch_dims(batch: Any) -> Any:
+    return tree_map(lambda t: 0 if isinstance(t, torch.Tensor) and t.dim() > 0 else None, batch)
+
+
+class Objective:
+    """Mean per-example loss of ``model`` over ``source``, as functions of chosen parameters."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        source: ExampleSource,
+        role: str,
+        comm: Optional[Communicator] = None,
+        chunk_size: Optional[int] = None,
+    ):
+        self.bound = _Bound(model, loss_fn)
+        self.params: Params = detached_params(model)
+        first = next(iter(self.params.values()))
+        self.device, self.dtype = first.device, first.dtype
+        self.source = source
+        self.role = role
+        self.comm = comm or LocalComm()
+        self.chunk_size = chunk_size
+        self._checked = False
+
+    # -- losses -------------------------------------------------------------------------------
+    def losses(self, params: Params, batch: Any) -> torch.Tensor:
+        """Per-example losses with ``params`` substituted (others: the model's own, as constants)."""
+        full = {"model." + k: v for k, v in {**self.params, **params}.items()}
+        return functional_call(self.bound, full, (batch,))
+
+    def _check(self, batch: Any, idx: torch.Tensor) -> None:
+        """Once per objective: the loss is per-example and finite on a real batch."""
+        if self._checked:
+            return
+        with torch.no_grad():
+            out = self.losses({}, batch)
+        b = batch_size_of(batch)
+        if not isinstance(out, torch.Tensor) or out.shape != (b,):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise MSIFError(
+                f"The {self.role} loss must return one loss per example (shape [{b}] for this batch) but "
+                f"returned {shape}. Use reduction='none', e.g. "
+                "F.cross_entropy(model(x), y, reduction='none')."
+            )
+        self._assert_finite(out, "losses", idx)
+        self._checked = True
+
+    def _assert_finite(self, t: torch.Tensor, what: str, idx: torch.Tensor) -> None:
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            rows = bad.reshape(bad.shape[0], -1).any(dim=1) if t.dim() else bad.reshape(1)
+            where = idx[rows.cpu()][:5].tolist() if t.dim() else idx[:5].tolist()
+            raise MSIFError(
+                f"NaN/inf in the {self.role} {what} at dataset indices {where}. Check the model "
+                "weights and those examples (a diverged training run, log(0), a division by zero)."
+            )
+
+    def batches(self, indices: Sequence[int], progress: Optional[Any] = None) -> Iterator[tuple]:
+        """This rank's share of ``indices`` as device batches, each with its dataset indices."""
+        share = shard_range(len(indices), self.comm.rank, self.comm.world_size)
+        mine = [indices[i] for i in share]
+        for batch, idx in self.source.batches(mine):
+            batch = to_device(batch, self.device, self.dtype)
+            self._check(batch, idx)
+            yield batch, idx
+            if progress is not None:
+                progress.update(len(idx))
+
+    def _chunk(self, space: ParamSpace) -> int:
+        if self.chunk_size:
+            return self.chunk_size
+        return max(1, _CHUNK_BYTES // (space.dim * self.dtype.itemsize))
+
+    # -- first order ----------------------------------------------------------------------------
+    def per_example_grads(self, space: ParamSpace, batch: Any) -> torch.Tensor:
+        """``[B, space.dim]``: gradient of each example's loss w.r.t. ``space`` (``vmap(grad)``)."""
+        base = {n: self.params[n] for n in space.names}
+
+        def one(p: Params, example: Any) -> torch.Tensor:
+            return self.losses(p, tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)).sum()
+
+        g = vmap(grad(one), in_dims=(None, _batch_dims(batch)))(base, batch)
+        return space.flatten(g)
+
+    def directional(self, space: ParamSpace, vectors: torch.Tensor, batch: Any) -> torch.Tensor:
+        """``[B, k]``: derivative of each example's loss along each of ``vectors`` ``[k, dim]`` (``jvp``)."""
+        base = {n: self.params[n] for n in space.names}
+
+        def along(v: torch.Tensor) -> torch.Tensor:
+            return jvp(lambda p: self.losses(p, batch), (base,), (space.unflatten(v),))[1]
+
+        return torch.stack([along(v) for v in vectors], dim=1)
+
+    def dot_grads(self, space: ParamSpace, vectors: torch.Tensor, batch: Any, method: str) -> torch.Tensor:
+        """``[B, k]``: ``∇ℓ(z_b) · vectors[j]`` for every example, bounded in memory."""
+        out = []
+        b, c = batch_size_of(batch), self._chunk(space)
+        for start in range(0, b, c):
+            sub = slice_batch(batch, start, start + c)
+            if method == "jvp":
+                out.append(self.directional(space, vectors, sub))
+            else:
+                out.append(self.per_example_grads(space, sub) @ vectors.T)
+        return torch.cat(out)
+
+    def gradients(self, space: ParamSpace, progress: Optional[Any] = None) -> torch.Tensor:
+        """``[n, dim]``: per-example gradients of every example of the source (for the few queries)."""
+        rows, idxs = [], []
+        for batch, idx in self.batches(range(len(self.source)), progress):
+            b, c = batch_size_of(batch), self._chunk(space)
+            for start in range(0, b, c):
+                rows.append(self.per_example_grads(space, slice_batch(batch, start, start + c)))
+            idxs.append(idx)
+        local = torch.cat(rows) if rows else torch.zeros(0, space.dim, device=self.device, dtype=self.dtype)
+        self._assert_finite(local, "gradients", torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long))
+        return self.comm.all_gather_rows(local)
+
+    # -- second order ---------------------------------------------------------------------------
+    def hvp(self, space: ParamSpace, vectors: torch.Tensor, indices: Sequence[int], rhs_chunk: Optional[int]) -> torch.Tensor:
+        """``[k, dim]``: Hessian of the mean loss over ``indices`` times each row of ``vectors``."""
+        base = {n: self.params[n] for n in space.names}
+        total = torch.zeros_like(vectors)
+        for batch, _ in self.batches(indices):
+            g = grad(lambda p, batch=batch: self.losses(p, batch).sum())
+
+            def hv(v: torch.Tensor, g: Callable = g) -> torch.Tensor:
+                return space.flatten(jvp(g, (base,), (space.unflatten(v),))[1])
+
+            total += vmap(hv, chunk_size=rhs_chunk)(vectors)
+        total = self.comm.all_reduce_sum(total) / len(indices)
+        if not torch.isfinite(total).all():
+            raise MSIFError(
+                f"NaN/inf in a Hessian-vector product of the {self.role} loss. The model is at a point "
+                "where the loss has no finite curvature: check its weights, or add damping."
+            )
+        return total
+
