@@ -5,7 +5,7 @@ Hessians and Jacobians, dense ``torch.linalg.solve``. Only for models of a few d
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F

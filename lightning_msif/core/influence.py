@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .curvature import HessianOperator
 from .data import ExampleSource
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
 from .params import ParamSpace, check_fixed_backbone, check_same_shared
+from .scoring import ScoreStore, cached, score_pass
 from .solvers import SOLVERS, SolverOptions, solve
 
 MODES = ("fixed", "updated")
@@ -46,6 +47,7 @@ class _Settings:
     scoring: str
     progress: bool
     comm: Communicator
+    store: Optional[ScoreStore]
     info: Dict[str, Any] = field(default_factory=dict)
 
     @contextmanager
@@ -80,7 +82,7 @@ class _Settings:
 
 
 def _settings(damping: float, solver: str, solver_options: Dict[str, Any], hessian_samples: Optional[int],
-              scoring: str, progress: bool, comm: Optional[Communicator]) -> _Settings:
+              scoring: str, progress: bool, comm: Optional[Communicator], store: Optional[ScoreStore]) -> _Settings:
     if not isinstance(damping, (int, float)) or not damping >= 0:
         raise MSIFError(f"damping must be a number ≥ 0 (it is added to every inverted Hessian), got {damping!r}.")
     if solver not in SOLVERS:
@@ -90,23 +92,16 @@ def _settings(damping: float, solver: str, solver_options: Dict[str, Any], hessi
     if hessian_samples is not None and int(hessian_samples) < 1:
         raise MSIFError(f"hessian_samples must be a positive integer or None (all data), got {hessian_samples!r}.")
     opts = SolverOptions.from_kwargs(solver_options)
-    return _Settings(float(damping), solver, opts, hessian_samples, scoring, progress, comm or LocalComm())
+    return _Settings(float(damping), solver, opts, hessian_samples, scoring, progress, comm or LocalComm(), store)
 
 
 def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, st: _Settings) -> torch.Tensor:
-    """``S[i, j] = −s_j · ∇ℓ(z_i)`` for every training example, one streaming pass."""
+    """Step 3: one streaming pass over the training examples (resumable through ``st.store``)."""
     method = st.scoring if st.scoring != "auto" else ("jvp" if s.shape[0] <= 2 else "grad")
     st.info["scoring"] = method
-    n = len(obj.source)
-    bar = st.bar(n, f"scoring {obj.role} examples")
-    rows: List[torch.Tensor] = []
+    bar = st.bar(len(obj.source), f"scoring {obj.role} examples")
     with st.phase("score_pass"):
-        for batch, idx in obj.batches(range(n), bar):
-            part = obj.dot_grads(space, s, batch, method)
-            obj._assert_finite(part, "per-example gradients", idx)
-            rows.append(part)
-        local = torch.cat(rows) if rows else s.new_zeros(0, s.shape[0])
-        scores = -obj.comm.all_gather_rows(local)
+        scores = score_pass(obj, space, s, method, st.store, bar)
     if bar is not None:
         bar.close()
     return scores
@@ -121,9 +116,10 @@ def _query_grads(obj: Objective, space: ParamSpace, st: _Settings) -> torch.Tens
     return g
 
 
-def _pretrain_side(pt: Objective, space: ParamSpace, g: torch.Tensor, st: _Settings) -> torch.Tensor:
-    """Steps 2 and 3: ``s = (H_pt + λI)⁻¹ g`` (g padded with zeros on U), then the scoring pass."""
-    s = st.solve("pretrain", st.operator(pt, space), g)
+def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.Tensor], st: _Settings) -> torch.Tensor:
+    """Steps 2 and 3: ``s = (H_pt + λI)⁻¹ rhs()``, then the scoring pass; ``s`` is reused on resume."""
+    like = torch.empty(0, device=pt.device, dtype=pt.dtype)
+    s = cached(st.store, st.comm, "solution", lambda: st.solve("pretrain", st.operator(pt, space), rhs()), like)
     st.info["s_norm"] = s.norm(dim=1).tolist()
     return _score_pass(pt, space, s, st)
 
@@ -149,6 +145,7 @@ def compute_multistage(
     scoring: str = "auto",
     progress: bool = False,
     comm: Optional[Communicator] = None,
+    store: Optional[ScoreStore] = None,
     **solver_options: Any,
 ) -> InfluenceResult:
     """``multistage_influence`` with the convergence and timing record kept (see its docstring)."""
@@ -159,7 +156,7 @@ def compute_multistage(
             f"mode='updated' needs alpha > 0, the strength of the proximal term α/2‖θ − θ̂‖² that ties the "
             f"finetuned embedding to the pretrained one; got alpha={alpha!r}. Pass e.g. alpha=0.1."
         )
-    st = _settings(damping, solver, solver_options, hessian_samples, scoring, progress, comm)
+    st = _settings(damping, solver, solver_options, hessian_samples, scoring, progress, comm, store)
     loss = loss_fn or cross_entropy_loss
     theta, u, w = check_same_shared(pretrain_model, finetune_model, shared)
     if mode == "fixed":
@@ -176,22 +173,24 @@ def compute_multistage(
                        n_query=len(sources[2]), dim_theta=theta_dim, dim_u=pt_space.dim - theta_dim,
                        dim_w=ft_space.dim - theta_dim)
 
-        grads = _query_grads(q, ft_space, st)  # [k, θ+W]
-        if mode == "fixed":
-            g = grads[:, :theta_dim]
-            if w:
-                w_space = ParamSpace.of(ft.params, w)
-                a = st.solve("finetune", st.operator(ft, w_space), grads[:, theta_dim:])
-                # H_θW a: the (θ, W) Hessian times [0; a], θ rows; no damping on an off-diagonal block.
-                cross = st.operator(ft, ft_space, damping=0.0).matmat(torch.cat([torch.zeros_like(g), a], 1))
-                g = g - cross[:, :theta_dim]
-        else:
-            shift = torch.zeros(ft_space.dim, device=grads.device, dtype=grads.dtype)
-            shift[:theta_dim] = alpha
-            u_sol = st.solve("finetune", st.operator(ft, ft_space, shift=shift), grads)
-            g = alpha * u_sol[:, :theta_dim]
-        rhs = torch.cat([g, g.new_zeros(g.shape[0], pt_space.dim - theta_dim)], 1)
-        scores = _pretrain_side(pt, pt_space, rhs, st)
+        def finetune_side() -> torch.Tensor:
+            """Step 1: ``g_j`` for every query, padded with zeros on U."""
+            grads = _query_grads(q, ft_space, st)  # [k, θ+W]
+            if mode == "fixed":
+                g = grads[:, :theta_dim]
+                if w:
+                    w_space = ParamSpace.of(ft.params, w)
+                    a = st.solve("finetune", st.operator(ft, w_space), grads[:, theta_dim:])
+                    # H_θW a: the (θ, W) Hessian times [0; a], θ rows; no damping on an off-diagonal block.
+                    cross = st.operator(ft, ft_space, damping=0.0).matmat(torch.cat([torch.zeros_like(g), a], 1))
+                    g = g - cross[:, :theta_dim]
+            else:
+                shift = torch.zeros(ft_space.dim, device=grads.device, dtype=grads.dtype)
+                shift[:theta_dim] = alpha
+                g = alpha * st.solve("finetune", st.operator(ft, ft_space, shift=shift), grads)[:, :theta_dim]
+            return torch.cat([g, g.new_zeros(g.shape[0], pt_space.dim - theta_dim)], 1)
+
+        scores = _solve_and_score(pt, pt_space, finetune_side, st)
     return InfluenceResult(scores, st.info)
 
 
@@ -209,7 +208,8 @@ def multistage_influence(pretrain_model: nn.Module, finetune_model: nn.Module, p
     ``max_dense_params``, ``rhs_chunk_size``), ``loss_fn`` / ``pretrain_loss_fn`` /
     ``finetune_loss_fn`` / ``query_fn`` ((model, batch) → per-example values [B]),
     ``hessian_samples`` (curvature from a random subset), ``chunk_size`` (examples per vectorised
-    gradient chunk), ``scoring`` ('auto' | 'grad' | 'jvp'), ``progress``, ``comm``.
+    gradient chunk), ``scoring`` ('auto' | 'grad' | 'jvp'), ``progress``, ``comm`` (a process group,
+    see ``lightning_msif.distributed``), ``store`` (keeps partial results so a rerun resumes).
     """
     return compute_multistage(pretrain_model, finetune_model, pretrain_data, finetune_data, query_data, **kwargs).scores
 
@@ -228,10 +228,11 @@ def compute_single_stage(
     scoring: str = "auto",
     progress: bool = False,
     comm: Optional[Communicator] = None,
+    store: Optional[ScoreStore] = None,
     **solver_options: Any,
 ) -> InfluenceResult:
     """``single_stage_influence`` with the convergence and timing record kept."""
-    st = _settings(damping, solver, solver_options, hessian_samples, scoring, progress, comm)
+    st = _settings(damping, solver, solver_options, hessian_samples, scoring, progress, comm, store)
     loss = loss_fn or cross_entropy_loss
     train_src, query_src = ExampleSource(train_data, "train_data"), ExampleSource(query_data, "query_data")
     with evaluation(model):
@@ -242,7 +243,7 @@ def compute_single_stage(
             raise MSIFError("The model has no trainable parameter (requires_grad=True): nothing to differentiate.")
         space = ParamSpace.of(train.params, names)
         st.info.update(mode="single", n_pretrain=len(train_src), n_query=len(query_src), dim=space.dim)
-        scores = _pretrain_side(train, space, _query_grads(q, space, st), st)
+        scores = _solve_and_score(train, space, lambda: _query_grads(q, space, st), st)
     return InfluenceResult(scores, st.info)
 
 

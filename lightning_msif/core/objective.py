@@ -123,10 +123,11 @@ class Objective:
                 "weights and those examples (a diverged training run, log(0), a division by zero)."
             )
 
-    def batches(self, indices: Sequence[int], progress: Optional[Any] = None) -> Iterator[tuple]:
-        """This rank's share of ``indices`` as device batches, each with its dataset indices."""
-        share = shard_range(len(indices), self.comm.rank, self.comm.world_size)
-        mine = [indices[i] for i in share]
+    def batches(self, indices: Sequence[int], progress: Optional[Any] = None, shard: bool = True) -> Iterator[tuple]:
+        """Device batches of ``indices`` (this rank's contiguous share when ``shard``), with their indices."""
+        mine = indices
+        if shard:
+            mine = [indices[i] for i in shard_range(len(indices), self.comm.rank, self.comm.world_size)]
         for batch, idx in self.source.batches(mine):
             batch = to_device(batch, self.device, self.dtype)
             self._check(batch, idx)

@@ -1,0 +1,77 @@
+"""The scoring pass: ``S[i, j] = −s_j · ∇ℓ(z_i)`` over every training example, streamed once.
+
+Examples are cut into fixed global blocks handed to ranks round-robin, so the partition does not
+depend on the number of processes. A ``ScoreStore`` (optional) keeps finished blocks and solved
+vectors, so an interrupted run resumes where it stopped, on any number of processes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Protocol
+
+import torch
+
+from .objective import Objective
+from .params import ParamSpace
+
+DEFAULT_BLOCK = 4096
+
+
+class ScoreStore(Protocol):
+    """Where partial results survive an interruption (implemented by the snapshot layer)."""
+
+    def get(self, key: str) -> Optional[torch.Tensor]:
+        """A tensor saved under ``key`` by an earlier, identical computation, or None."""
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        """Save ``tensor`` under ``key`` (atomically)."""
+
+
+def agreed(comm: Any, found: bool) -> bool:
+    """True only when every rank found its piece (ranks must take the same branch)."""
+    flag = torch.tensor([1.0 if found else 0.0])
+    return bool(comm.all_reduce_sum(flag).item() == comm.world_size)
+
+
+def cached(store: Optional[ScoreStore], comm: Any, key: str, compute: Callable[[], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """``compute()``, or the stored result when every rank has it."""
+    hit = store.get(f"{key}.rank{comm.rank}") if store is not None else None
+    if store is not None and agreed(comm, hit is not None):
+        return hit.to(like.device, like.dtype)
+    out = compute()
+    if store is not None:
+        store.put(f"{key}.rank{comm.rank}", out.detach().cpu())
+    return out
+
+
+def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
+               store: Optional[ScoreStore] = None, progress: Optional[Any] = None,
+               block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """``[n, k]`` scores on every rank; each rank computes (or reloads) its blocks, then all gather."""
+    comm, n = obj.comm, len(obj.source)
+    starts = list(range(0, n, block))[comm.rank :: comm.world_size]
+    parts: List[torch.Tensor] = []
+    rows: List[torch.Tensor] = []
+    for start in starts:
+        stop = min(start + block, n)
+        key = f"scores.{start}-{stop}"
+        part = store.get(key) if store is not None else None
+        if part is None:
+            pieces = []
+            for batch, idx in obj.batches(range(start, stop), shard=False):
+                piece = obj.dot_grads(space, s, batch, method)
+                obj._assert_finite(piece, "per-example gradients", idx)
+                pieces.append(piece)
+            part = -torch.cat(pieces)
+            if store is not None:
+                store.put(key, part.detach().cpu())
+        if progress is not None:
+            progress.update(stop - start)
+        parts.append(part.to(s.device, s.dtype))
+        rows.append(torch.arange(start, stop, device=s.device))
+    local = torch.cat(parts) if parts else s.new_zeros(0, s.shape[0])
+    index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=s.device)
+    gathered = comm.all_gather_rows(local)
+    order = comm.all_gather_rows(index.to(s.dtype)).long()
+    out = torch.empty_like(gathered)
+    out[order] = gathered
+    return out
