@@ -1,4 +1,6 @@
 """lightning-msif: multi-stage influence functions for PyTorch Lightning."""
+from .callback import MultiStageInfluence, load_pretrained
+from .config import CallbackConfig, InfluenceConfig, register_configs
 from .core.influence import (
     InfluenceResult,
     compute_multistage,
@@ -7,14 +9,21 @@ from .core.influence import (
     single_stage_influence,
 )
 from .errors import MSIFError
-
-__version__ = "0.1.0"
+from .scoring_job import rescore
+from .version import __version__
 
 __all__ = [
+    "CallbackConfig",
+    "InfluenceConfig",
     "InfluenceResult",
     "MSIFError",
+    "MultiStageInfluence",
+    "__version__",
     "compute_multistage",
     "compute_single_stage",
+    "load_pretrained",
     "multistage_influence",
+    "register_configs",
+    "rescore",
     "single_stage_influence",
 ]

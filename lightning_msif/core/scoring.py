@@ -45,9 +45,10 @@ def cached(store: Optional[ScoreStore], comm: Any, key: str, compute: Callable[[
 
 def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
                store: Optional[ScoreStore] = None, progress: Optional[Any] = None,
-               block: int = DEFAULT_BLOCK) -> torch.Tensor:
+               block: Optional[int] = None) -> torch.Tensor:
     """``[n, k]`` scores on every rank; each rank computes (or reloads) its blocks, then all gather."""
     comm, n = obj.comm, len(obj.source)
+    block = block or DEFAULT_BLOCK
     starts = list(range(0, n, block))[comm.rank :: comm.world_size]
     parts: List[torch.Tensor] = []
     rows: List[torch.Tensor] = []

@@ -1,0 +1,177 @@
+"""One scoring run from resolved models and data: compute (resumably) and write the score matrix.
+
+Shared by the callback (after finetuning) and by re-scoring from snapshots. Runs on every rank of
+the process group; only global rank 0 writes the final files.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from .config import InfluenceConfig, influence_kwargs, validate
+from .core.comm import Communicator, LocalComm
+from .core.influence import InfluenceResult, compute_multistage
+from .core.objective import LossFn, cross_entropy_loss
+from .core.solvers import SolverOptions
+from .errors import MSIFError
+from .snapshots import (
+    FileStore, PathLike, check_fingerprint, fingerprint, read_scores, read_weights, rebuild, settings_key, versions,
+    write_scores,
+)
+
+
+def module_loss(module: nn.Module, loss_fn: Optional[LossFn] = None) -> LossFn:
+    """The per-example loss of a module: its ``per_example_loss(batch)``, else ``loss_fn``, else cross-entropy."""
+    if callable(getattr(module, "per_example_loss", None)):
+        return lambda m, batch: m.per_example_loss(batch)
+    if loss_fn is not None:
+        return loss_fn
+
+    def default(m: nn.Module, batch: Any) -> torch.Tensor:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise MSIFError(
+                f"{type(module).__name__} gives no per-example loss for batches of type {type(batch).__name__}. "
+                "Give one of: (1) a method `per_example_loss(self, batch) -> Tensor[B]` on the module; "
+                "(2) `loss_fn=lambda model, batch: ...` (per-example losses, shape [B]) to the callback; "
+                "(3) (x, y) batches, for the default cross-entropy of model(x) against y."
+            )
+        return cross_entropy_loss(m, batch)
+
+    return default
+
+
+@dataclass
+class ScoringInputs:
+    """Both models (at their trained optima) and the three datasets, in dataset-index order."""
+
+    pretrain_model: nn.Module
+    finetune_model: nn.Module
+    pretrain_data: Any
+    finetune_data: Any
+    query_data: Any
+    pretrain_loss: LossFn
+    finetune_loss: LossFn
+    query_fn: Optional[LossFn] = None
+
+
+def _dataset(data: Any) -> Any:
+    return getattr(data, "dataset", data)
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe copy of the solver's convergence record."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+def run_scoring(inputs: ScoringInputs, cfg: InfluenceConfig, snapshot_dir: PathLike,
+                comm: Optional[Communicator] = None, progress: bool = False,
+                identity: Optional[Dict[str, Any]] = None) -> InfluenceResult:
+    """Compute the scores (resuming from ``snapshot_dir/work`` if an identical run was cut short), write them."""
+    validate(cfg)
+    comm = comm or LocalComm()
+    kwargs = influence_kwargs(cfg)
+    prints = {name: fingerprint(_dataset(d)) if hasattr(_dataset(d), "__getitem__") else None
+              for name, d in (("pretrain", inputs.pretrain_data), ("finetune", inputs.finetune_data),
+                              ("query", inputs.query_data))}
+    key = settings_key([sorted(kwargs.items()), prints, sorted((identity or {}).items())])
+    store = FileStore(Path(snapshot_dir) / "work" / key)
+    result = compute_multistage(
+        inputs.pretrain_model, inputs.finetune_model, inputs.pretrain_data, inputs.finetune_data, inputs.query_data,
+        pretrain_loss_fn=inputs.pretrain_loss, finetune_loss_fn=inputs.finetune_loss,
+        query_fn=inputs.query_fn or inputs.finetune_loss, comm=comm, store=store, progress=progress, **kwargs,
+    )
+    if comm.rank == 0:
+        options = SolverOptions.from_kwargs(dict(cfg.solver_options or {})).as_dict()
+        manifest = {
+            **{k: v for k, v in asdict(cfg).items() if k in InfluenceConfig.__dataclass_fields__},
+            "solver_options": options,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+            "world_size": comm.world_size,
+            "fingerprints": prints,
+            "identity": identity or {},
+            "info": _plain(result.info),
+            "sign": "positive = harmful (upweighting the pretraining example raises the query loss); "
+                    "negative = helpful; removing example i changes the query loss by about -S[i, j] / n",
+        }
+        write_scores(snapshot_dir, result.scores.detach().cpu(), manifest)
+    comm.all_reduce_sum(torch.zeros(1))  # every rank has finished reading the work folder
+    if comm.rank == 0:
+        store.clear()
+    return result
+
+
+def _rebuild_module(manifest: Any, weights: Dict[str, torch.Tensor], stage: str) -> nn.Module:
+    if manifest.module is None:
+        raise MSIFError(
+            f"The {stage} snapshot cannot rebuild its module (no saved hyperparameters): call "
+            "self.save_hyperparameters() in the module's __init__ and re-run that stage."
+        )
+    module = rebuild(manifest.module, f"{stage} module")
+    module.load_state_dict(weights)
+    trainable = set(manifest.trainable)
+    for name, p in module.named_parameters():
+        p.requires_grad_(name in trainable)
+    return module
+
+
+def _rebuild_data(manifest: Any, stage: str) -> Any:
+    if manifest.data is None:
+        raise MSIFError(
+            f"The {stage} snapshot has no record of its datamodule (plain DataLoaders, or no saved "
+            f"hyperparameters): pass {stage}_data=... explicitly."
+        )
+    dm = rebuild(manifest.data, f"{stage} datamodule")
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def rescore(snapshot_dir: PathLike, cfg: Optional[InfluenceConfig] = None, *, pretrain_data: Any = None,
+            finetune_data: Any = None, query_data: Any = None, loss_fn: Optional[LossFn] = None,
+            comm: Optional[Communicator] = None, progress: bool = True) -> InfluenceResult:
+    """Scores from the snapshots of both stages, without retraining (resumes an interrupted run).
+
+    Modules and data are rebuilt from the snapshots' records unless given; ``cfg`` defaults to the
+    settings of the last run in ``snapshot_dir`` (``scores.yaml``), else to ``InfluenceConfig()``.
+    """
+    pre_manifest, pre_weights = read_weights(snapshot_dir, "pretrain")
+    ft_manifest, ft_weights = read_weights(snapshot_dir, "finetune")
+    if cfg is None:
+        cfg = InfluenceConfig(shared=str(pre_manifest.shared))
+        if (Path(snapshot_dir) / "scores.yaml").exists():
+            last = read_scores(snapshot_dir)[1]
+            cfg = InfluenceConfig(**{k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+                                     for k, v in last.items() if k in InfluenceConfig.__dataclass_fields__})
+    pre = _rebuild_module(pre_manifest, pre_weights, "pretrain")
+    fine = _rebuild_module(ft_manifest, ft_weights, "finetune")
+    if pretrain_data is None:
+        pretrain_data = _rebuild_data(pre_manifest, "pretrain").train_dataloader()
+    if pre_manifest.fingerprint is not None:
+        check_fingerprint(pre_manifest.fingerprint, _dataset(pretrain_data), "pretraining data")
+    if finetune_data is None or query_data is None:
+        dm = _rebuild_data(ft_manifest, "finetune")
+        finetune_data = finetune_data if finetune_data is not None else dm.train_dataloader()
+        if query_data is None:
+            split = ft_manifest.get("query")
+            if split not in ("val", "test"):
+                raise MSIFError("The finetune snapshot does not say which split was queried: pass query_data=...")
+            if split == "test":
+                dm.setup("test")
+            query_data = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+    inputs = ScoringInputs(pre, fine, pretrain_data, finetune_data, query_data,
+                           module_loss(pre, loss_fn), module_loss(fine, loss_fn))
+    identity = {"pretrain_weights": str(pre_manifest.weights.sha256), "finetune_weights": str(ft_manifest.weights.sha256)}
+    return run_scoring(inputs, cfg, snapshot_dir, comm, progress, identity)

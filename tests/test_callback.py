@@ -1,0 +1,205 @@
+"""The callback with a real Trainer: scores, snapshots, resume, and every inconsistency between stages."""
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning_fixtures import TinyDataModule, TinyModule, trainer
+from omegaconf import OmegaConf
+from reference import rel_err
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_msif.core.objective as objective
+from lightning_msif import MSIFError, MultiStageInfluence, load_pretrained, multistage_influence, rescore
+from lightning_msif.snapshots import read_manifest
+
+UPDATED = dict(mode="updated", alpha=0.5, damping=0.01)
+FIXED = dict(mode="fixed", damping=0.01)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A pretraining run with its snapshot; returns (snapshot dir, module, datamodule)."""
+    d = tmp_path_factory.mktemp("msif")
+    dm, module = TinyDataModule(), TinyModule()
+    trainer(callbacks=[MultiStageInfluence(stage="pretrain", snapshot_dir=d)]).fit(module, datamodule=dm)
+    return d, module, dm
+
+
+def _finetune(d: Path, settings: dict, **kwargs):
+    fine = TinyModule(classes=2, freeze_backbone=settings["mode"] == "fixed", seed=1)
+    load_pretrained(fine, d)
+    dm = TinyDataModule(n=11, classes=2, seed=5)
+    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, progress=False, **settings, **kwargs)
+    trainer(callbacks=[cb]).fit(fine, datamodule=dm)
+    return cb, fine, dm
+
+
+@pytest.mark.parametrize("settings", [FIXED, UPDATED], ids=["fixed", "updated"])
+def test_callback_scores_equal_functional_api(pretrained, settings):
+    d, pre, pre_dm = pretrained
+    cb, fine, dm = _finetune(d, settings, enforce_proximal=settings["mode"] == "updated")
+    ref = multistage_influence(pre, fine, pre_dm.train_set, dm.train_set, dm.val_set, shared="backbone", **settings)
+    assert cb.scores.shape == (13, 5) and cb.scores.dtype == torch.float64
+    assert rel_err(cb.scores, ref) <= 1e-6
+    assert torch.equal(MultiStageInfluence.load_scores(d), cb.scores)
+    assert not (d / "work").exists()  # partial results are removed once the matrix is written
+
+
+def test_snapshot_round_trip(pretrained):
+    d, pre, pre_dm = pretrained
+    manifest = read_manifest(d, "pretrain")
+    assert manifest.format_version == 1 and manifest.stage == "pretrain"
+    assert dict(manifest.shared_params) == {"backbone.0.weight": [4, 3], "backbone.0.bias": [4]}
+    assert manifest.module.class_path == "lightning_fixtures.TinyModule"
+    assert manifest.data.class_path == "lightning_fixtures.TinyDataModule"
+    assert manifest.fingerprint.n == 13
+    fine = load_pretrained(TinyModule(classes=2, seed=7), d)
+    assert torch.equal(fine.backbone[0].weight, pre.backbone[0].weight)
+
+
+def test_enforce_proximal_adds_alpha_times_displacement(pretrained):
+    d, pre, _ = pretrained
+    fine = load_pretrained(TinyModule(classes=2, seed=1), d)
+    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, enforce_proximal=True, **UPDATED)
+    cb.setup(SimpleNamespace(strategy=trainer().strategy, local_rank=0), fine, "fit")
+    w = fine.backbone[0].weight
+    with torch.no_grad():
+        w.add_(1.0)
+    w.grad = torch.zeros_like(w)
+    cb.on_before_optimizer_step(None, fine, None)
+    assert torch.allclose(w.grad, torch.full_like(w, 0.5))
+
+
+def test_resume_after_interruption(pretrained, monkeypatch):
+    d, _, _ = pretrained
+    cb, _, _ = _finetune(d, FIXED)
+    full = cb.scores
+    monkeypatch.setattr("lightning_msif.core.scoring.DEFAULT_BLOCK", 3)  # 13 examples → 5 blocks
+    calls = {"n": 0}
+    original = objective.Objective.dot_grads
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(objective.Objective, "dot_grads", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        rescore(d, progress=False)
+    assert len(list((d / "work").glob("*/scores.*"))) == 2  # two blocks survived the interruption
+    solves = {"n": 0}
+    import lightning_msif.core.influence as influence
+
+    real_solve = influence.solve
+    monkeypatch.setattr(influence, "solve", lambda *a, **k: (solves.__setitem__("n", solves["n"] + 1), real_solve(*a, **k))[1])
+    calls["n"] = -100
+    resumed = rescore(d, progress=False).scores
+    assert calls["n"] == -100 + 3  # only the 3 missing blocks were computed
+    assert solves["n"] == 0  # the pretrain-side solution was reused
+    assert rel_err(resumed, full) <= 1e-12
+
+
+def test_state_dict_is_small_and_weights_only(pretrained, tmp_path):
+    d, _, _ = pretrained
+    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d)
+    torch.save(cb.state_dict(), tmp_path / "s.pt")
+    assert torch.load(tmp_path / "s.pt", weights_only=True) == cb.state_dict()
+
+
+# -- inconsistencies are refused in setup, before training ---------------------------------------------
+def _expect_setup_error(d, module, match, **kwargs):
+    settings = {**FIXED, **kwargs}
+    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, progress=False, **settings)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(MSIFError, match=match):
+        trainer(callbacks=[cb]).fit(module, datamodule=TinyDataModule(n=11, classes=2, seed=5))
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))  # no training step ran
+
+
+def test_missing_snapshot(tmp_path):
+    _expect_setup_error(tmp_path, TinyModule(classes=2, freeze_backbone=True), "No pretrain snapshot")
+
+
+def test_other_shared_prefix(pretrained):
+    _expect_setup_error(pretrained[0], load_pretrained(TinyModule(classes=2, freeze_backbone=True), pretrained[0]),
+                        "shared='head'", shared="head")
+
+
+def test_other_shared_shapes(pretrained):
+    _expect_setup_error(pretrained[0], TinyModule(classes=2, hidden=5, freeze_backbone=True), "other shapes")
+
+
+def test_fixed_mode_with_changed_backbone(pretrained):
+    _expect_setup_error(pretrained[0], TinyModule(classes=2, freeze_backbone=True, seed=9), "differ from the pretraining")
+
+
+def test_fixed_mode_with_trainable_backbone(pretrained):
+    _expect_setup_error(pretrained[0], load_pretrained(TinyModule(classes=2), pretrained[0]), "frozen")
+
+
+def test_other_pretraining_data(pretrained):
+    other = TensorDataset(torch.randn(13, 3, dtype=torch.float64), torch.zeros(13, dtype=torch.long))
+    module = load_pretrained(TinyModule(classes=2, freeze_backbone=True), pretrained[0])
+    _expect_setup_error(pretrained[0], module, "differs from the one the pretraining snapshot", pretrain_data=other)
+
+
+def test_snapshot_from_another_format_version(pretrained, tmp_path):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(pretrained[0] / "pretrain", d / "pretrain")
+    manifest = OmegaConf.load(d / "pretrain" / "manifest.yaml")
+    manifest.format_version = 999
+    OmegaConf.save(manifest, d / "pretrain" / "manifest.yaml")
+    _expect_setup_error(d, TinyModule(classes=2, freeze_backbone=True), "format version 999")
+
+
+def test_tampered_weights(pretrained, tmp_path):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(pretrained[0] / "pretrain", d / "pretrain")
+    with open(d / "pretrain" / "weights.safetensors", "ab") as fh:
+        fh.write(b"x")
+    _expect_setup_error(d, TinyModule(classes=2, freeze_backbone=True), "do not match the hash")
+
+
+def test_unsupported_strategy(pretrained):
+    cb = MultiStageInfluence(stage="finetune", snapshot_dir=pretrained[0])
+    with pytest.raises(MSIFError, match="FSDPStrategy"):
+        cb.setup(SimpleNamespace(strategy=FSDPStrategy()), TinyModule(classes=2), "fit")
+
+
+def test_module_without_a_per_example_loss(pretrained):
+    """A module with no per_example_loss and non-(x, y) batches gets the three ways in the error."""
+    d = pretrained[0]
+
+    class DictModule(TinyModule):
+        per_example_loss = None
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+    fine = load_pretrained(DictModule(classes=2, freeze_backbone=True), d)
+    data = [{"x": torch.randn(3, dtype=torch.float64), "y": torch.tensor(i % 2)} for i in range(6)]
+    loader = DataLoader(data, batch_size=3)
+    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, query=loader, progress=False, **FIXED)
+    with pytest.raises(MSIFError, match=r"per_example_loss.*loss_fn.*\(x, y\)"):
+        trainer(callbacks=[cb]).fit(fine, train_dataloaders=loader)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(stage="middle"), "stage='middle'"),
+    (dict(stage="finetune", mode="updated"), "alpha"),
+    (dict(stage="finetune", solver="newton"), "solver='newton'"),
+    (dict(stage="finetune", query="train"), "query='train'"),
+    (dict(stage="finetune", damping=-1.0), "damping"),
+    (dict(stage="finetune", enforce_proximal=True), "enforce_proximal"),
+    (dict(stage="finetune", solver_options={"tolerance": 1}), "Unknown solver option"),
+])
+def test_bad_arguments(tmp_path, kwargs, match):
+    with pytest.raises(MSIFError, match=match):
+        MultiStageInfluence(snapshot_dir=tmp_path, **kwargs)
