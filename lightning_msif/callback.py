@@ -21,12 +21,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import QUERY_SPLITS, STAGES, InfluenceConfig, validate
+from .core.influence import per_example_gradients
 from .core.objective import LossFn
 from .distributed import current_comm
 from .errors import MSIFError
 from .scoring_job import ScoringInputs, module_loss, run_scoring
 from .snapshots import (
-    PathLike, check_fingerprint, check_shared, read_manifest, read_scores, read_weights, rebuild, write_stage,
+    PathLike, check_fingerprint, check_shared, read_manifest, read_scores, read_weights, rebuild, write_gradients,
+    write_stage,
 )
 
 
@@ -74,6 +76,7 @@ class MultiStageInfluence(Callback):
         scoring: str = "auto",
         enforce_proximal: bool = False,
         snapshot_every_n_epochs: Optional[int] = None,
+        store_gradients: bool = False,
         progress: bool = True,
     ):
         if stage not in STAGES:
@@ -84,6 +87,8 @@ class MultiStageInfluence(Callback):
         validate(self.config)
         if isinstance(query, str) and query not in QUERY_SPLITS:
             raise MSIFError(f"query={query!r} is not allowed; choose one of {list(QUERY_SPLITS)} or pass a DataLoader.")
+        if store_gradients and stage != "pretrain":
+            raise MSIFError("store_gradients=True applies to stage='pretrain' (it stores the pretraining set's gradients).")
         if enforce_proximal and mode != "updated":
             raise MSIFError("enforce_proximal=True applies to mode='updated' only (it adds α(θ − θ̂) to the gradients).")
         if snapshot_every_n_epochs is not None and (not isinstance(snapshot_every_n_epochs, int) or snapshot_every_n_epochs < 1):
@@ -97,6 +102,7 @@ class MultiStageInfluence(Callback):
         self.pretrain_model = pretrain_model
         self.enforce_proximal = enforce_proximal
         self.snapshot_every_n_epochs = snapshot_every_n_epochs
+        self.store_gradients = store_gradients
         self.progress = progress
         self.scores: Optional[torch.Tensor] = None
         self.info: Dict[str, Any] = {}
@@ -206,6 +212,19 @@ class MultiStageInfluence(Callback):
         self._snapshot(trainer, pl_module)
         if self.stage == "finetune":
             self._score(trainer, pl_module)
+        elif self.store_gradients:
+            self._store_gradients(trainer, pl_module)
+
+    def _store_gradients(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Per-example gradients of the pretraining set, so later scoring passes are one product."""
+        device = trainer.strategy.root_device
+        grads, names = per_example_gradients(pl_module, _train_loader(trainer), shared=self.config.shared,
+                                       loss_fn=module_loss(pl_module, self.loss_fn), chunk_size=self.config.chunk_size,
+                                       progress=self.progress and trainer.is_global_zero, comm=current_comm(device))
+        if trainer.is_global_zero:
+            sha = str(read_manifest(self.snapshot_dir, "pretrain").weights.sha256)
+            write_gradients(self.snapshot_dir, grads, names, sha)
+        trainer.strategy.barrier("msif_gradients")
 
     def _snapshot(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.is_global_zero:

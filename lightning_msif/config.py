@@ -41,6 +41,7 @@ class CallbackConfig(InfluenceConfig):
     query: str = "val"  # val | test (a DataLoader can be passed in Python)
     enforce_proximal: bool = False  # updated mode: add α(θ − θ̂) to the shared gradients while finetuning
     snapshot_every_n_epochs: Optional[int] = None
+    store_gradients: bool = False  # pretrain stage: keep per-example gradients for one-product scoring
     progress: bool = True
 
 

@@ -18,10 +18,11 @@ from .config import InfluenceConfig, influence_kwargs, validate
 from .core.comm import Communicator, LocalComm
 from .core.influence import InfluenceResult, compute_multistage
 from .core.objective import LossFn, cross_entropy_loss
+from .core.params import split_shared
 from .core.solvers import SolverOptions
 from .errors import MSIFError
 from .snapshots import (
-    FileStore, PathLike, check_fingerprint, fingerprint, read_scores, read_weights, rebuild, settings_key, versions,
+    FileStore, PathLike, check_fingerprint, fingerprint, read_gradients, read_scores, read_weights, rebuild, settings_key, versions,
     write_scores,
 )
 
@@ -87,10 +88,13 @@ def run_scoring(inputs: ScoringInputs, cfg: InfluenceConfig, snapshot_dir: PathL
                               ("query", inputs.query_data))}
     key = settings_key([sorted(kwargs.items()), prints, sorted((identity or {}).items())])
     store = FileStore(Path(snapshot_dir) / "work" / key)
+    theta, rest = split_shared(inputs.pretrain_model, cfg.shared, "pretraining")
+    stored = read_gradients(snapshot_dir, identity["pretrain_weights"], theta + rest) if identity else None
     result = compute_multistage(
         inputs.pretrain_model, inputs.finetune_model, inputs.pretrain_data, inputs.finetune_data, inputs.query_data,
         pretrain_loss_fn=inputs.pretrain_loss, finetune_loss_fn=inputs.finetune_loss,
-        query_fn=inputs.query_fn or inputs.finetune_loss, comm=comm, store=store, progress=progress, **kwargs,
+        query_fn=inputs.query_fn or inputs.finetune_loss, comm=comm, store=store, progress=progress,
+        pretrain_gradients=stored, **kwargs,
     )
     if comm.rank == 0:
         options = SolverOptions.from_kwargs(dict(cfg.solver_options or {})).as_dict()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import platform
 import shutil
@@ -25,6 +26,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._pytree import tree_flatten
@@ -212,6 +214,34 @@ def check_shared(manifest: DictConfig, module: nn.Module, shared: str) -> None:
             f"{missing[:5]}, unexpected {extra[:5]}, other shapes {shapes[:5]}. The finetune module must hold "
             "the same shared module as the pretraining one."
         )
+
+
+# -- stored per-example gradients of the pretraining set -------------------------------------------
+GRADIENTS_FILE = "gradients.safetensors"
+
+
+def write_gradients(snapshot_dir: PathLike, gradients: torch.Tensor, names: Iterable[str], weights_sha: str) -> Path:
+    """``pretrain/gradients.safetensors``: ``[n, dim]`` rows in dataset order, columns in ``names`` order.
+
+    ``projection`` is recorded (``none`` today) so compressed or projected stores can follow.
+    """
+    path = Path(snapshot_dir) / "pretrain" / GRADIENTS_FILE
+    meta = {"format_version": str(FORMAT_VERSION), "projection": "none", "names": json.dumps(list(names)),
+            "weights_sha256": weights_sha}
+    save_tensors(path, {"gradients": gradients}, metadata=meta)
+    return path
+
+
+def read_gradients(snapshot_dir: PathLike, weights_sha: str, names: Iterable[str]) -> Optional[torch.Tensor]:
+    """Stored pretraining gradients if they were taken on these weights, in this parameter order; else None."""
+    path = Path(snapshot_dir) / "pretrain" / GRADIENTS_FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        fits = (meta.get("projection") == "none" and meta.get("weights_sha256") == weights_sha
+                and json.loads(meta.get("names", "[]")) == list(names))
+        return fh.get_tensor("gradients") if fits else None
 
 
 # -- resumable partial results -----------------------------------------------------------------

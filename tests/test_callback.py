@@ -203,3 +203,28 @@ def test_module_without_a_per_example_loss(pretrained):
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(MSIFError, match=match):
         MultiStageInfluence(snapshot_dir=tmp_path, **kwargs)
+
+
+def test_stored_pretraining_gradients_replace_the_scoring_pass(tmp_path, monkeypatch):
+    dm, module = TinyDataModule(), TinyModule()
+    pre_cb = MultiStageInfluence(stage="pretrain", snapshot_dir=tmp_path, store_gradients=True, progress=False)
+    trainer(callbacks=[pre_cb]).fit(module, datamodule=dm)
+    assert (tmp_path / "pretrain" / "gradients.safetensors").exists()
+    cb, fine, ft_dm = _finetune(tmp_path, FIXED)
+    assert cb.info["scoring"] == "stored_gradients"
+    ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
+    assert rel_err(cb.scores, ref) <= 1e-10
+
+
+def test_periodic_pretraining_snapshots(tmp_path):
+    seen = []
+
+    class Spy(MultiStageInfluence):
+        def _snapshot(self, trainer, pl_module):
+            seen.append(trainer.current_epoch)
+            super()._snapshot(trainer, pl_module)
+
+    cb = Spy(stage="pretrain", snapshot_dir=tmp_path, snapshot_every_n_epochs=5)
+    trainer(callbacks=[cb], max_epochs=10).fit(TinyModule(), datamodule=TinyDataModule())
+    assert seen == [4, 9, 10]  # after epochs 5 and 10, then the final snapshot (current_epoch has moved on)
+    assert read_manifest(tmp_path, "pretrain").global_step == 40  # 10 epochs × 4 batches

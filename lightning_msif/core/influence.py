@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from .comm import Communicator, LocalComm
 from .curvature import HessianOperator
 from .data import ExampleSource
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
-from .params import ParamSpace, check_fixed_backbone, check_same_shared
+from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_shared
 from .scoring import ScoreStore, cached, score_pass
 from .solvers import SOLVERS, SolverOptions, solve
 
@@ -107,21 +107,56 @@ def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, st: _Setting
     return scores
 
 
-def _query_grads(obj: Objective, space: ParamSpace, st: _Settings) -> torch.Tensor:
-    bar = st.bar(len(obj.source), "query gradients")
-    with st.phase("query_gradients"):
+def _gradients(obj: Objective, space: ParamSpace, st: _Settings) -> torch.Tensor:
+    """Per-example gradients of every example of ``obj`` (queries, or a stored pretraining set)."""
+    bar = st.bar(len(obj.source), f"{obj.role} gradients")
+    with st.phase(f"{obj.role}_gradients"):
         g = obj.gradients(space, bar)
     if bar is not None:
         bar.close()
     return g
 
 
-def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.Tensor], st: _Settings) -> torch.Tensor:
-    """Steps 2 and 3: ``s = (H_pt + λI)⁻¹ rhs()``, then the scoring pass; ``s`` is reused on resume."""
+def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.Tensor], st: _Settings,
+                     gradients: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Steps 2 and 3: ``s = (H_pt + λI)⁻¹ rhs()``, then the scoring pass; ``s`` is reused on resume.
+
+    With stored per-example ``gradients`` ``[n, dim]`` (in ``space`` order) step 3 is one product.
+    """
+    if gradients is not None and tuple(gradients.shape) != (len(pt.source), space.dim):
+        raise MSIFError(
+            f"The stored pretraining gradients have shape {tuple(gradients.shape)}, but the pretraining set and "
+            f"parameters give ({len(pt.source)}, {space.dim}): they were taken on other data or another model. "
+            "Store them again, or leave them out."
+        )
     like = torch.empty(0, device=pt.device, dtype=pt.dtype)
     s = cached(st.store, st.comm, "solution", lambda: st.solve("pretrain", st.operator(pt, space), rhs()), like)
     st.info["s_norm"] = s.norm(dim=1).tolist()
+    if gradients is not None:
+        st.info["scoring"] = "stored_gradients"
+        with st.phase("score_pass"):
+            return -(gradients.to(s.device, s.dtype) @ s.T)
     return _score_pass(pt, space, s, st)
+
+
+def per_example_gradients(model: nn.Module, data: Any, *, shared: Optional[str] = None,
+                          loss_fn: Optional[LossFn] = None, chunk_size: Optional[int] = None,
+                          progress: bool = False, comm: Optional[Communicator] = None) -> Tuple[torch.Tensor, List[str]]:
+    """``[n, dim]`` per-example loss gradients over the trainable parameters (shared ones first), and their names.
+
+    The order is the one ``multistage_influence`` uses for the pretraining model, so the result can
+    stand in for its scoring pass (``pretrain_gradients=``).
+    """
+    st = _settings(0.0, "exact", {}, None, "grad", progress, comm, None)
+    with evaluation(model):
+        obj = Objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "data"), "pretraining", st.comm, chunk_size)
+        if shared is None:
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+        else:
+            theta, rest = split_shared(model, shared, "pretraining")
+            names = theta + rest
+        space = ParamSpace.of(obj.params, names)
+        return _gradients(obj, space, st), names
 
 
 def compute_multistage(
@@ -146,6 +181,7 @@ def compute_multistage(
     progress: bool = False,
     comm: Optional[Communicator] = None,
     store: Optional[ScoreStore] = None,
+    pretrain_gradients: Optional[torch.Tensor] = None,
     **solver_options: Any,
 ) -> InfluenceResult:
     """``multistage_influence`` with the convergence and timing record kept (see its docstring)."""
@@ -175,7 +211,7 @@ def compute_multistage(
 
         def finetune_side() -> torch.Tensor:
             """Step 1: ``g_j`` for every query, padded with zeros on U."""
-            grads = _query_grads(q, ft_space, st)  # [k, θ+W]
+            grads = _gradients(q, ft_space, st)  # [k, θ+W]
             if mode == "fixed":
                 g = grads[:, :theta_dim]
                 if w:
@@ -190,7 +226,7 @@ def compute_multistage(
                 g = alpha * st.solve("finetune", st.operator(ft, ft_space, shift=shift), grads)[:, :theta_dim]
             return torch.cat([g, g.new_zeros(g.shape[0], pt_space.dim - theta_dim)], 1)
 
-        scores = _solve_and_score(pt, pt_space, finetune_side, st)
+        scores = _solve_and_score(pt, pt_space, finetune_side, st, pretrain_gradients)
     return InfluenceResult(scores, st.info)
 
 
@@ -209,7 +245,8 @@ def multistage_influence(pretrain_model: nn.Module, finetune_model: nn.Module, p
     ``finetune_loss_fn`` / ``query_fn`` ((model, batch) → per-example values [B]),
     ``hessian_samples`` (curvature from a random subset), ``chunk_size`` (examples per vectorised
     gradient chunk), ``scoring`` ('auto' | 'grad' | 'jvp'), ``progress``, ``comm`` (a process group,
-    see ``lightning_msif.distributed``), ``store`` (keeps partial results so a rerun resumes).
+    see ``lightning_msif.distributed``), ``store`` (keeps partial results so a rerun resumes), ``pretrain_gradients``
+    (``[n, dim]`` from ``per_example_gradients``: replaces the scoring pass).
     """
     return compute_multistage(pretrain_model, finetune_model, pretrain_data, finetune_data, query_data, **kwargs).scores
 
@@ -243,7 +280,7 @@ def compute_single_stage(
             raise MSIFError("The model has no trainable parameter (requires_grad=True): nothing to differentiate.")
         space = ParamSpace.of(train.params, names)
         st.info.update(mode="single", n_pretrain=len(train_src), n_query=len(query_src), dim=space.dim)
-        scores = _solve_and_score(train, space, lambda: _query_grads(q, space, st), st)
+        scores = _solve_and_score(train, space, lambda: _gradients(q, space, st), st)
     return InfluenceResult(scores, st.info)
 
 
