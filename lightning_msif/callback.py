@@ -10,11 +10,12 @@ on its device) and writes ``<snapshot_dir>/scores.safetensors``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -25,6 +26,9 @@ from .core.influence import per_example_gradients
 from .core.objective import LossFn
 from .distributed import current_comm
 from .errors import MSIFError
+from .reports.metadata import build_attribution, class_names_of
+from .reports.render import ExampleViews, Renderer
+from .reports.sinks import publish
 from .scoring_job import ScoringInputs, module_loss, run_scoring
 from .snapshots import (
     PathLike, check_fingerprint, check_shared, read_manifest, read_scores, read_weights, rebuild, write_gradients,
@@ -77,6 +81,9 @@ class MultiStageInfluence(Callback):
         enforce_proximal: bool = False,
         snapshot_every_n_epochs: Optional[int] = None,
         store_gradients: bool = False,
+        top_k: int = 10,
+        render: Optional[Renderer] = None,
+        report: bool = True,
         progress: bool = True,
     ):
         if stage not in STAGES:
@@ -103,6 +110,12 @@ class MultiStageInfluence(Callback):
         self.enforce_proximal = enforce_proximal
         self.snapshot_every_n_epochs = snapshot_every_n_epochs
         self.store_gradients = store_gradients
+        if not isinstance(top_k, int) or top_k < 1:
+            raise MSIFError(f"top_k={top_k!r}: must be a positive integer (examples per query and side in the reports).")
+        self.top_k = top_k
+        self.render = render
+        self.report = report
+        self._pretrain_class_names: Optional[List[str]] = None
         self.progress = progress
         self.scores: Optional[torch.Tensor] = None
         self.info: Dict[str, Any] = {}
@@ -187,6 +200,7 @@ class MultiStageInfluence(Callback):
             trainer.strategy.barrier("msif_prepare_pretrain_data")
             dm.setup("fit")
             self.pretrain_data = dm.train_dataloader()
+            self._pretrain_class_names = class_names_of(dm)
         if manifest.fingerprint is not None:
             check_fingerprint(manifest.fingerprint, getattr(self.pretrain_data, "dataset", self.pretrain_data),
                               "pretraining data")
@@ -253,10 +267,10 @@ class MultiStageInfluence(Callback):
     def _score(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         device = trainer.strategy.root_device
         pretrain_model = self.pretrain_model.to(device)
+        query = self._query_loader(trainer)
         inputs = ScoringInputs(
             pretrain_model=pretrain_model, finetune_model=pl_module,
-            pretrain_data=self.pretrain_data, finetune_data=_train_loader(trainer),
-            query_data=self._query_loader(trainer),
+            pretrain_data=self.pretrain_data, finetune_data=_train_loader(trainer), query_data=query,
             pretrain_loss=module_loss(pretrain_model, self.loss_fn), finetune_loss=module_loss(pl_module, self.loss_fn),
             query_fn=self.query_fn,
         )
@@ -268,6 +282,20 @@ class MultiStageInfluence(Callback):
         if trainer.is_global_zero:
             self.scores = result.scores.detach().cpu()
             rank_zero_info(f"[msif] scores {tuple(self.scores.shape)} written to {self.snapshot_dir / 'scores.safetensors'}")
+            if self.report:
+                self._publish(trainer, pl_module, query)
+
+    def _publish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", query: Any) -> None:
+        """Rank 0: the report views to the local files and every logger of the trainer."""
+        manifest = OmegaConf.to_container(read_scores(self.snapshot_dir)[1])
+        attr = build_attribution(self.scores, self.pretrain_data, query, pl_module, manifest,
+                                 pretrain_class_names=self._pretrain_class_names,
+                                 query_class_names=class_names_of(trainer.datamodule) if trainer.datamodule else None)
+        views = ExampleViews(getattr(self.pretrain_data, "dataset", self.pretrain_data),
+                             getattr(query, "dataset", query), self.render)
+        files = [self.snapshot_dir / "scores.safetensors", self.snapshot_dir / "scores.yaml"]
+        written = publish(attr, views, self.snapshot_dir / "report", self.top_k, trainer.loggers, files, trainer.global_step)
+        rank_zero_info(f"[msif] report: {written['html']}")
 
 
 def load_pretrained(module: nn.Module, snapshot_dir: PathLike, shared: str = "backbone",

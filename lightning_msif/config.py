@@ -42,6 +42,8 @@ class CallbackConfig(InfluenceConfig):
     enforce_proximal: bool = False  # updated mode: add α(θ − θ̂) to the shared gradients while finetuning
     snapshot_every_n_epochs: Optional[int] = None
     store_gradients: bool = False  # pretrain stage: keep per-example gradients for one-product scoring
+    top_k: int = 10  # examples per query and side in the reports
+    report: bool = True  # write <snapshot_dir>/report/ and log to the trainer's loggers
     progress: bool = True
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -21,8 +21,9 @@ from .core.objective import LossFn, cross_entropy_loss
 from .core.params import split_shared
 from .core.solvers import SolverOptions
 from .errors import MSIFError
+from .reports.metadata import class_names_of
 from .snapshots import (
-    FileStore, PathLike, check_fingerprint, fingerprint, read_gradients, read_scores, read_weights, rebuild, settings_key, versions,
+    FileStore, PathLike, check_fingerprint, fingerprint, read_gradients, read_manifest, read_scores, read_weights, rebuild, settings_key, versions,
     write_scores,
 )
 
@@ -143,30 +144,42 @@ def _rebuild_data(manifest: Any, stage: str) -> Any:
     return dm
 
 
-def rescore(snapshot_dir: PathLike, cfg: Optional[InfluenceConfig] = None, *, pretrain_data: Any = None,
-            finetune_data: Any = None, query_data: Any = None, loss_fn: Optional[LossFn] = None,
-            comm: Optional[Communicator] = None, progress: bool = True) -> InfluenceResult:
-    """Scores from the snapshots of both stages, without retraining (resumes an interrupted run).
+def last_config(snapshot_dir: PathLike) -> InfluenceConfig:
+    """The settings of the last scoring run in ``snapshot_dir`` (``scores.yaml``), else the defaults."""
+    pre_manifest = read_manifest(snapshot_dir, "pretrain")
+    if not (Path(snapshot_dir) / "scores.yaml").exists():
+        return InfluenceConfig(shared=str(pre_manifest.shared))
+    last = read_scores(snapshot_dir)[1]
+    return InfluenceConfig(**{k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+                              for k, v in last.items() if k in InfluenceConfig.__dataclass_fields__})
 
-    Modules and data are rebuilt from the snapshots' records unless given; ``cfg`` defaults to the
-    settings of the last run in ``snapshot_dir`` (``scores.yaml``), else to ``InfluenceConfig()``.
-    """
+
+@dataclass
+class SnapshotRun:
+    """Everything rebuilt from the two stages' snapshots: inputs, weight hashes, class names."""
+
+    inputs: ScoringInputs
+    identity: Dict[str, str]
+    pretrain_class_names: Optional[List[str]] = None
+    query_class_names: Optional[List[str]] = None
+
+
+def from_snapshots(snapshot_dir: PathLike, *, pretrain_data: Any = None, finetune_data: Any = None,
+                   query_data: Any = None, loss_fn: Optional[LossFn] = None) -> SnapshotRun:
+    """Modules and data of both stages, rebuilt from the snapshots' records unless given."""
     pre_manifest, pre_weights = read_weights(snapshot_dir, "pretrain")
     ft_manifest, ft_weights = read_weights(snapshot_dir, "finetune")
-    if cfg is None:
-        cfg = InfluenceConfig(shared=str(pre_manifest.shared))
-        if (Path(snapshot_dir) / "scores.yaml").exists():
-            last = read_scores(snapshot_dir)[1]
-            cfg = InfluenceConfig(**{k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-                                     for k, v in last.items() if k in InfluenceConfig.__dataclass_fields__})
     pre = _rebuild_module(pre_manifest, pre_weights, "pretrain")
     fine = _rebuild_module(ft_manifest, ft_weights, "finetune")
+    names: Dict[str, Optional[List[str]]] = {"pretrain": None, "query": None}
     if pretrain_data is None:
-        pretrain_data = _rebuild_data(pre_manifest, "pretrain").train_dataloader()
+        pdm = _rebuild_data(pre_manifest, "pretrain")
+        pretrain_data, names["pretrain"] = pdm.train_dataloader(), class_names_of(pdm)
     if pre_manifest.fingerprint is not None:
         check_fingerprint(pre_manifest.fingerprint, _dataset(pretrain_data), "pretraining data")
     if finetune_data is None or query_data is None:
         dm = _rebuild_data(ft_manifest, "finetune")
+        names["query"] = class_names_of(dm)
         finetune_data = finetune_data if finetune_data is not None else dm.train_dataloader()
         if query_data is None:
             split = ft_manifest.get("query")
@@ -178,4 +191,17 @@ def rescore(snapshot_dir: PathLike, cfg: Optional[InfluenceConfig] = None, *, pr
     inputs = ScoringInputs(pre, fine, pretrain_data, finetune_data, query_data,
                            module_loss(pre, loss_fn), module_loss(fine, loss_fn))
     identity = {"pretrain_weights": str(pre_manifest.weights.sha256), "finetune_weights": str(ft_manifest.weights.sha256)}
-    return run_scoring(inputs, cfg, snapshot_dir, comm, progress, identity)
+    return SnapshotRun(inputs, identity, names["pretrain"], names["query"])
+
+
+def rescore(snapshot_dir: PathLike, cfg: Optional[InfluenceConfig] = None, *, pretrain_data: Any = None,
+            finetune_data: Any = None, query_data: Any = None, loss_fn: Optional[LossFn] = None,
+            comm: Optional[Communicator] = None, progress: bool = True) -> InfluenceResult:
+    """Scores from the snapshots of both stages, without retraining (resumes an interrupted run).
+
+    Modules and data are rebuilt from the snapshots' records unless given; ``cfg`` defaults to the
+    settings of the last run in ``snapshot_dir`` (``scores.yaml``), else to ``InfluenceConfig()``.
+    """
+    run = from_snapshots(snapshot_dir, pretrain_data=pretrain_data, finetune_data=finetune_data,
+                         query_data=query_data, loss_fn=loss_fn)
+    return run_scoring(run.inputs, cfg or last_config(snapshot_dir), snapshot_dir, comm, progress, run.identity)

@@ -62,9 +62,13 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Opti
     _atomic(path, lambda tmp: save_file(data, tmp, metadata=metadata))
 
 
+def save_text(path: Path, text: str) -> None:
+    """Atomic text write."""
+    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def save_yaml(path: Path, cfg: Any) -> None:
-    text = OmegaConf.to_yaml(OmegaConf.create(cfg))
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    save_text(path, OmegaConf.to_yaml(OmegaConf.create(cfg)))
 
 
 def sha256_file(path: Path) -> str:

@@ -1,0 +1,179 @@
+"""``msif``: re-score from snapshots and rebuild the reports, configured with OmegaConf overrides.
+
+    msif score  snapshot_dir=runs/msif mode=updated alpha=0.1 solver=cg solver_options.tol=1e-6
+    msif report snapshot_dir=runs/msif top_k=10 wandb.project=my-project wandb.mode=offline
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from .config import InfluenceConfig, validate
+from .errors import MSIFError
+
+
+@dataclass
+class WandbConfig:
+    """Log the report to W&B: a new run in ``project``, or the existing run ``id``."""
+
+    project: Optional[str] = None  # set to log to W&B
+    mode: str = "online"  # online | offline | disabled
+    id: Optional[str] = None  # an existing run to add the report to
+    name: Optional[str] = None
+    dir: Optional[str] = None  # where W&B keeps its files (default: ./wandb)
+
+
+@dataclass
+class ReportCommand:
+    snapshot_dir: str = MISSING  # folder written by the callbacks (or `msif score`)
+    top_k: int = 10  # pretraining examples per query and side
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ScoreCommand(InfluenceConfig, ReportCommand):
+    report: bool = True  # rebuild the report after scoring
+    progress: bool = True
+
+
+HELP: Dict[str, str] = {
+    "snapshot_dir": "folder written by the callbacks (required)",
+    "top_k": "pretraining examples per query and side in the report",
+    "shared": "name prefix of the shared embedding θ",
+    "mode": "fixed | updated",
+    "alpha": "proximal strength α (mode=updated)",
+    "damping": "λ ≥ 0 added to every inverted Hessian",
+    "solver": "exact | cg | lissa",
+    "solver_options": "e.g. solver_options.tol=1e-6 solver_options.max_iter=200 solver_options.lissa_depth=2000",
+    "hessian_samples": "curvature from a random subset of this many examples (null: all)",
+    "chunk_size": "examples per vectorised gradient chunk (null: sized by memory)",
+    "scoring": "auto | grad | jvp",
+    "report": "rebuild the report after scoring (true | false)",
+    "progress": "progress bars (true | false)",
+    "wandb": "wandb.project=NAME wandb.mode=online|offline|disabled wandb.id=RUN_ID wandb.name=... wandb.dir=...",
+}
+COMMANDS = {"score": ScoreCommand, "report": ReportCommand}
+SUMMARY = {
+    "score": "re-score from the saved snapshots without retraining (settings default to the last run's)",
+    "report": "rebuild the tables, heatmap, histogram and report.html; log them to W&B if wandb.project is set",
+}
+
+
+def usage() -> str:
+    lines = ["usage: msif {score,report} key=value ...", "", "commands:"]
+    lines += [f"  {name:<8}{text}" for name, text in SUMMARY.items()]
+    for name, schema in COMMANDS.items():
+        lines += ["", f"msif {name} options:"]
+        for f in fields(schema):
+            default = getattr(schema(), f.name) if f.name != "snapshot_dir" else "(required)"
+            if f.name in ("wandb", "solver_options"):
+                default = "..."
+            lines.append(f"  {f.name:<16}{HELP.get(f.name, ''):<70} default: {default}")
+    return "\n".join(lines)
+
+
+def parse(command: str, overrides: Sequence[str], base: Optional[Dict[str, Any]] = None) -> Any:
+    """The typed config of ``command`` with ``base`` then the ``key=value`` overrides merged in."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise MSIFError(f"Arguments must be key=value, got {bad}. See `msif --help`.")
+    schema = OmegaConf.structured(COMMANDS[command])
+    keys = ", ".join(f.name for f in fields(COMMANDS[command]))
+    try:
+        cfg = OmegaConf.merge(schema, base or {}, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.to_container(cfg, throw_on_missing=True)
+    except ConfigKeyError as err:
+        raise MSIFError(f"unknown key {err.full_key!r}. The keys are: {keys}.") from None
+    except MissingMandatoryValue as err:
+        raise MSIFError(f"{err.full_key} is required, e.g. {err.full_key}=runs/msif.") from None
+    except OmegaConfBaseException as err:
+        raise MSIFError(f"bad value for {err.full_key!r}: {str(err).splitlines()[0]}") from None
+    if command == "score":
+        validate(cfg)
+    return cfg
+
+
+def _loggers(cfg: Any) -> List[Any]:
+    if not cfg.wandb.project and not cfg.wandb.id:
+        return []
+    from lightning.pytorch.loggers import WandbLogger
+
+    w = cfg.wandb
+    return [WandbLogger(project=w.project, id=w.id, name=w.name, mode=w.mode, save_dir=w.dir or ".",
+                        resume="allow" if w.id else None)]
+
+
+def run_report(cfg: Any) -> Dict[str, Any]:
+    """Views from ``scores.safetensors`` and the snapshots, to local files and the configured loggers."""
+    from pathlib import Path
+
+    from .reports.metadata import build_attribution
+    from .reports.render import ExampleViews
+    from .reports.sinks import publish
+    from .scoring_job import from_snapshots
+    from .snapshots import read_scores
+
+    scores, manifest = read_scores(cfg.snapshot_dir)
+    run = from_snapshots(cfg.snapshot_dir)
+    inputs = run.inputs
+    attr = build_attribution(scores, inputs.pretrain_data, inputs.query_data, inputs.finetune_model,
+                             OmegaConf.to_container(manifest), run.pretrain_class_names, run.query_class_names)
+    views = ExampleViews(getattr(inputs.pretrain_data, "dataset", inputs.pretrain_data),
+                         getattr(inputs.query_data, "dataset", inputs.query_data))
+    loggers = _loggers(cfg)
+    folder = Path(cfg.snapshot_dir)
+    written = publish(attr, views, folder / "report", cfg.top_k, loggers,
+                      [folder / "scores.safetensors", folder / "scores.yaml"])
+    for logger in loggers:
+        logger.experiment.finish()
+    return written
+
+
+def run_score(cfg: Any) -> None:
+    from .scoring_job import rescore
+
+    influence = InfluenceConfig(**{f.name: OmegaConf.to_container(cfg)[f.name] for f in fields(InfluenceConfig)})
+    result = rescore(cfg.snapshot_dir, influence, progress=cfg.progress)
+    print(f"scores {tuple(result.scores.shape)} written to {cfg.snapshot_dir}/scores.safetensors")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    command, overrides = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"msif: unknown command {command!r}; choose one of {list(COMMANDS)}. See `msif --help`.", file=sys.stderr)
+        return 2
+    if "--help" in overrides or "-h" in overrides:
+        print(usage())
+        return 0
+    try:
+        base = None
+        if command == "score":
+            from dataclasses import asdict
+
+            from .scoring_job import last_config
+
+            dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("snapshot_dir=")]
+            base = asdict(last_config(dirs[-1])) if dirs else None
+        cfg = parse(command, overrides, base)
+        if command == "score":
+            run_score(cfg)
+            if cfg.report:
+                print(f"report: {run_report(cfg)['html']}")
+        else:
+            print(f"report: {run_report(cfg)['html']}")
+    except MSIFError as err:
+        print(f"msif {command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
