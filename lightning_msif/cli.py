@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, OmegaConf
@@ -14,6 +14,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from .config import InfluenceConfig, validate
 from .errors import MSIFError
+from .scoring_job import last_config
 
 
 @dataclass
@@ -154,20 +155,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(usage())
         return 0
     try:
-        base = None
-        if command == "score":
-            from dataclasses import asdict
-
-            from .scoring_job import last_config
-
-            dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("snapshot_dir=")]
-            base = asdict(last_config(dirs[-1])) if dirs else None
-        cfg = parse(command, overrides, base)
-        if command == "score":
+        cfg = parse(command, overrides)
+        if command == "score":  # settings not given default to the last run's
+            cfg = parse(command, overrides, asdict(last_config(cfg.snapshot_dir)))
             run_score(cfg)
-            if cfg.report:
-                print(f"report: {run_report(cfg)['html']}")
-        else:
+        if command == "report" or cfg.report:
             print(f"report: {run_report(cfg)['html']}")
     except MSIFError as err:
         print(f"msif {command}: {err}", file=sys.stderr)

@@ -23,7 +23,7 @@ from .core.solvers import SolverOptions
 from .errors import MSIFError
 from .reports.metadata import class_names_of
 from .snapshots import (
-    FileStore, PathLike, check_fingerprint, fingerprint, read_gradients, read_manifest, read_scores, read_weights, rebuild, settings_key, versions,
+    FileStore, PathLike, check_fingerprint, fingerprint, read_gradients, read_manifest, read_weights, rebuild, settings_key, versions,
     write_scores,
 )
 
@@ -149,7 +149,7 @@ def last_config(snapshot_dir: PathLike) -> InfluenceConfig:
     pre_manifest = read_manifest(snapshot_dir, "pretrain")
     if not (Path(snapshot_dir) / "scores.yaml").exists():
         return InfluenceConfig(shared=str(pre_manifest.shared))
-    last = read_scores(snapshot_dir)[1]
+    last = OmegaConf.load(Path(snapshot_dir) / "scores.yaml")
     return InfluenceConfig(**{k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
                               for k, v in last.items() if k in InfluenceConfig.__dataclass_fields__})
 

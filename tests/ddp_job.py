@@ -25,7 +25,7 @@ def main(out: Path, devices: int) -> None:
     callbacks = [MultiStageInfluence(stage="pretrain", snapshot_dir=out / name, shared="backbone") for name in SETTINGS]
     trainer(callbacks=callbacks, **run).fit(pre, datamodule=TinyDataModule(n=13))
     for name, settings in SETTINGS.items():
-        fine = load_pretrained(TinyModule(classes=2, freeze_backbone=name == "fixed", seed=1), out / name)
+        fine = load_pretrained(TinyModule(classes=2, freeze_backbone=name == "fixed", init_seed=1), out / name)
         cb = MultiStageInfluence(stage="finetune", snapshot_dir=out / name, shared="backbone", progress=False,
                                  enforce_proximal=name == "updated", **settings)
         trainer(callbacks=[cb], **run).fit(fine, datamodule=TinyDataModule(n=11, n_val=7, classes=2, seed=5))

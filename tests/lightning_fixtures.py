@@ -5,7 +5,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from reference import blobs
 
@@ -13,14 +13,14 @@ from reference import blobs
 class TinyDataModule(L.LightningDataModule):
     """Gaussian blobs: ``n`` training, ``n_val`` validation examples of ``classes`` classes."""
 
-    def __init__(self, n: int = 13, n_val: int = 5, classes: int = 3, seed: int = 0, batch_size: int = 4):
+    def __init__(self, n: int = 13, n_val: int = 5, classes: int = 3, seed: int = 0, batch_size: int = 4, d: int = 3):
         super().__init__()
         self.save_hyperparameters()
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        self.train_set = blobs(hp.n, hp.classes, seed=hp.seed)
-        self.val_set = blobs(hp.n_val, hp.classes, seed=hp.seed + 100)
+        self.train_set = blobs(hp.n, hp.classes, d=hp.d, seed=hp.seed)
+        self.val_set = blobs(hp.n_val, hp.classes, d=hp.d, seed=hp.seed + 100)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True)
@@ -33,11 +33,11 @@ class TinyModule(L.LightningModule):
     """backbone (shared) → head, float64, SGD with weight decay."""
 
     def __init__(self, classes: int = 3, hidden: int = 4, lr: float = 0.3, weight_decay: float = 0.01,
-                 freeze_backbone: bool = False, seed: int = 0):
+                 freeze_backbone: bool = False, init_seed: int = 0, d_in: int = 3):
         super().__init__()
         self.save_hyperparameters()
-        torch.manual_seed(seed)
-        self.backbone = nn.Sequential(nn.Linear(3, hidden), nn.Tanh())
+        torch.manual_seed(init_seed)
+        self.backbone = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh())
         self.head = nn.Linear(hidden, classes)
         self.double()
         if freeze_backbone:

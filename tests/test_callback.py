@@ -28,7 +28,7 @@ def pretrained(tmp_path_factory):
 
 
 def _finetune(d: Path, settings: dict, **kwargs):
-    fine = TinyModule(classes=2, freeze_backbone=settings["mode"] == "fixed", seed=1)
+    fine = TinyModule(classes=2, freeze_backbone=settings["mode"] == "fixed", init_seed=1)
     load_pretrained(fine, d)
     dm = TinyDataModule(n=11, classes=2, seed=5)
     cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, progress=False, **settings, **kwargs)
@@ -55,13 +55,13 @@ def test_snapshot_round_trip(pretrained):
     assert manifest.module.class_path == "lightning_fixtures.TinyModule"
     assert manifest.data.class_path == "lightning_fixtures.TinyDataModule"
     assert manifest.fingerprint.n == 13
-    fine = load_pretrained(TinyModule(classes=2, seed=7), d)
+    fine = load_pretrained(TinyModule(classes=2, init_seed=7), d)
     assert torch.equal(fine.backbone[0].weight, pre.backbone[0].weight)
 
 
 def test_enforce_proximal_adds_alpha_times_displacement(pretrained):
     d, pre, _ = pretrained
-    fine = load_pretrained(TinyModule(classes=2, seed=1), d)
+    fine = load_pretrained(TinyModule(classes=2, init_seed=1), d)
     cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, enforce_proximal=True, **UPDATED)
     cb.setup(SimpleNamespace(strategy=trainer().strategy, local_rank=0), fine, "fit")
     w = fine.backbone[0].weight
@@ -133,7 +133,7 @@ def test_other_shared_shapes(pretrained):
 
 
 def test_fixed_mode_with_changed_backbone(pretrained):
-    _expect_setup_error(pretrained[0], TinyModule(classes=2, freeze_backbone=True, seed=9), "differ from the pretraining")
+    _expect_setup_error(pretrained[0], TinyModule(classes=2, freeze_backbone=True, init_seed=9), "differ from the pretraining")
 
 
 def test_fixed_mode_with_trainable_backbone(pretrained):

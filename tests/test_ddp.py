@@ -40,7 +40,7 @@ def test_ddp_scores_equal_single_process(ddp_run: Path, name: str) -> None:
     scores = MultiStageInfluence.load_scores(folder)
     assert scores.shape == (13, 7)  # 13 pretraining examples over 2 ranks: not divisible
     pre = _weights(folder, "pretrain", TinyModule())
-    fine = _weights(folder, "finetune", TinyModule(classes=2, freeze_backbone=name == "fixed", seed=1))
+    fine = _weights(folder, "finetune", TinyModule(classes=2, freeze_backbone=name == "fixed", init_seed=1))
     pt, ft = TinyDataModule(n=13), TinyDataModule(n=11, n_val=7, classes=2, seed=5)
     pt.setup("fit")
     ft.setup("fit")

@@ -53,7 +53,7 @@ class ExampleSource:
         self.name = name
         collate: Callable = default_collate
         size = batch_size
-        if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
+        if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) and data.batch_sampler is not None:
             dataset, collate = data.dataset, data.collate_fn
             size = size or data.batch_size or (getattr(data.batch_sampler, "batch_size", None))
         elif isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):

@@ -9,6 +9,7 @@ Both compose the same three steps (docs/math.md, "How it is computed"):
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -23,7 +24,7 @@ from .curvature import HessianOperator
 from .data import ExampleSource
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
 from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_shared
-from .scoring import ScoreStore, cached, score_pass
+from .scoring import ScoreStore, cached, resolve_method, score_pass
 from .solvers import SOLVERS, SolverOptions, solve
 
 MODES = ("fixed", "updated")
@@ -97,7 +98,7 @@ def _settings(damping: float, solver: str, solver_options: Dict[str, Any], hessi
 
 def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, st: _Settings) -> torch.Tensor:
     """Step 3: one streaming pass over the training examples (resumable through ``st.store``)."""
-    method = st.scoring if st.scoring != "auto" else ("jvp" if s.shape[0] <= 2 else "grad")
+    method = resolve_method(st.scoring, s.shape[0])
     st.info["scoring"] = method
     bar = st.bar(len(obj.source), f"scoring {obj.role} examples")
     with st.phase("score_pass"):
@@ -192,6 +193,9 @@ def compute_multistage(
             f"mode='updated' needs alpha > 0, the strength of the proximal term α/2‖θ − θ̂‖² that ties the "
             f"finetuned embedding to the pretrained one; got alpha={alpha!r}. Pass e.g. alpha=0.1."
         )
+    if mode == "fixed" and alpha is not None:
+        warnings.warn(f"alpha={alpha} is ignored in mode='fixed' (it is the proximal strength of mode='updated').",
+                      stacklevel=2)
     st = _settings(damping, solver, solver_options, hessian_samples, scoring, progress, comm, store)
     loss = loss_fn or cross_entropy_loss
     theta, u, w = check_same_shared(pretrain_model, finetune_model, shared)

@@ -3,7 +3,8 @@
 Everything the formulas need from one stage lives here: per-example losses at substituted
 parameters (``torch.func.functional_call``), per-example gradients (``vmap(grad)``), directional
 derivatives (``jvp``) and Hessian-vector products (forward-over-reverse) summed over a sharded set
-of examples. Memory is bounded by ``chunk_size`` examples × parameters at any time.
+of examples. Memory is bounded by ``chunk_size`` examples × parameters at any time (for ``jvp``
+scoring: ``chunk_size`` example–query pairs × activations).
 """
 from __future__ import annotations
 
@@ -82,6 +83,9 @@ class Objective:
     ):
         self.bound = _Bound(model, loss_fn)
         self.params: Params = detached_params(model)
+        if not self.params:
+            raise MSIFError(f"The {role} model has no trainable parameter (it has no parameters at all): "
+                            "pass the nn.Module whose influence you want.")
         first = next(iter(self.params.values()))
         self.device, self.dtype = first.device, first.dtype
         self.source = source
@@ -136,40 +140,68 @@ class Objective:
                 progress.update(len(idx))
 
     def _chunk(self, space: ParamSpace) -> int:
+        """Examples per vectorised gradient chunk: ``chunk_size``, or as many as fit in ``_CHUNK_BYTES``."""
         if self.chunk_size:
             return self.chunk_size
-        return max(1, _CHUNK_BYTES // (space.dim * self.dtype.itemsize))
+        return max(1, _CHUNK_BYTES // (max(1, space.dim) * self.dtype.itemsize))
 
     # -- first order ----------------------------------------------------------------------------
-    def per_example_grads(self, space: ParamSpace, batch: Any) -> torch.Tensor:
-        """``[B, space.dim]``: gradient of each example's loss w.r.t. ``space`` (``vmap(grad)``)."""
+    def _example_grads(self, space: ParamSpace, batch: Any) -> Params:
+        """``{name: [B, *shape]}``: each example's loss gradient w.r.t. ``space`` (``vmap(grad)``)."""
         base = {n: self.params[n] for n in space.names}
 
         def one(p: Params, example: Any) -> torch.Tensor:
             return self.losses(p, tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)).sum()
 
-        g = vmap(grad(one), in_dims=(None, _batch_dims(batch)))(base, batch)
-        return space.flatten(g)
+        return vmap(grad(one), in_dims=(None, _batch_dims(batch)))(base, batch)
 
-    def directional(self, space: ParamSpace, vectors: torch.Tensor, batch: Any) -> torch.Tensor:
-        """``[B, k]``: derivative of each example's loss along each of ``vectors`` ``[k, dim]`` (``jvp``)."""
+    def per_example_grads(self, space: ParamSpace, batch: Any) -> torch.Tensor:
+        """``[B, space.dim]``: gradient of each example's loss w.r.t. ``space`` (``vmap(grad)``)."""
+        return space.flatten(self._example_grads(space, batch))
+
+    def directional(self, space: ParamSpace, vectors: torch.Tensor, batch: Any,
+                    chunk: Optional[int] = None) -> torch.Tensor:
+        """``[B, k]``: derivative of each example's loss along each of ``vectors`` ``[k, dim]`` (``jvp``).
+
+        The ``k`` tangents go through one forward-mode pass, vectorised (``vmap``) ``chunk`` at a time.
+        """
         base = {n: self.params[n] for n in space.names}
 
-        def along(v: torch.Tensor) -> torch.Tensor:
-            return jvp(lambda p: self.losses(p, batch), (base,), (space.unflatten(v),))[1]
+        def loss(p: Params) -> torch.Tensor:
+            return self.losses(p, batch)
 
-        return torch.stack([along(v) for v in vectors], dim=1)
+        def along(v: torch.Tensor) -> torch.Tensor:
+            return jvp(loss, (base,), (space.unflatten(v),))[1]
+
+        return vmap(along, chunk_size=chunk)(vectors).T
+
+    def _grad_dots(self, space: ParamSpace, vectors: torch.Tensor, batch: Any) -> torch.Tensor:
+        """``[B, k]``: per-example gradients contracted with ``vectors`` parameter by parameter (no flat copy)."""
+        grads = self._example_grads(space, batch)
+        out: Optional[torch.Tensor] = None
+        for name, v in zip(space.names, torch.split(vectors, space.numels, dim=1)):
+            g = grads[name]
+            part = g.reshape(g.shape[0], -1) @ v.T
+            out = part if out is None else out.add_(part)
+        assert out is not None
+        return out
 
     def dot_grads(self, space: ParamSpace, vectors: torch.Tensor, batch: Any, method: str) -> torch.Tensor:
-        """``[B, k]``: ``∇ℓ(z_b) · vectors[j]`` for every example, bounded in memory."""
+        """``[B, k]``: ``∇ℓ(z_b) · vectors[j]`` for every example, bounded in memory.
+
+        ``grad`` materialises at most ``chunk`` examples' gradients at a time (chunk × dim numbers);
+        ``jvp`` pushes at most ``chunk`` (example, query) pairs through one vectorised forward pass.
+        """
+        b, c, k = batch_size_of(batch), self._chunk(space), vectors.shape[0]
+        if k == 0 or space.dim == 0:
+            return vectors.new_zeros(b, k)
         out = []
-        b, c = batch_size_of(batch), self._chunk(space)
         for start in range(0, b, c):
             sub = slice_batch(batch, start, start + c)
             if method == "jvp":
-                out.append(self.directional(space, vectors, sub))
+                out.append(self.directional(space, vectors, sub, chunk=max(1, c // min(c, b - start))))
             else:
-                out.append(self.per_example_grads(space, sub) @ vectors.T)
+                out.append(self._grad_dots(space, vectors, sub))
         return torch.cat(out)
 
     def gradients(self, space: ParamSpace, progress: Optional[Any] = None) -> torch.Tensor:

@@ -15,6 +15,21 @@ from .params import ParamSpace
 
 DEFAULT_BLOCK = 4096
 
+AUTO_JVP_MAX_QUERIES = 16
+"""``'auto'`` scoring takes forward mode up to this many queries, per-example gradients above.
+
+Forward mode costs about two forward passes per query; per-example gradients cost one
+materialisation of ``[batch, dim]`` gradients plus one matrix product for all queries. Measured
+with ``benchmarks/scoring_pass.py`` (85k-parameter MLP, CPU), the two cross between 16 and 32 queries.
+"""
+
+
+def resolve_method(method: str, n_queries: int) -> str:
+    """The scoring method to run: ``'grad'`` or ``'jvp'`` as given; ``'auto'`` by the number of queries."""
+    if method != "auto":
+        return method
+    return "jvp" if n_queries <= AUTO_JVP_MAX_QUERIES else "grad"
+
 
 class ScoreStore(Protocol):
     """Where partial results survive an interruption (implemented by the snapshot layer)."""
@@ -46,8 +61,12 @@ def cached(store: Optional[ScoreStore], comm: Any, key: str, compute: Callable[[
 def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
                store: Optional[ScoreStore] = None, progress: Optional[Any] = None,
                block: Optional[int] = None) -> torch.Tensor:
-    """``[n, k]`` scores on every rank; each rank computes (or reloads) its blocks, then all gather."""
+    """``[n, k]`` scores on every rank; each rank computes (or reloads) its blocks, then all gather.
+
+    ``method`` is ``'grad'``, ``'jvp'`` or ``'auto'`` (see ``resolve_method``).
+    """
     comm, n = obj.comm, len(obj.source)
+    method = resolve_method(method, s.shape[0])
     block = block or DEFAULT_BLOCK
     starts = list(range(0, n, block))[comm.rank :: comm.world_size]
     parts: List[torch.Tensor] = []
@@ -72,7 +91,7 @@ def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
     local = torch.cat(parts) if parts else s.new_zeros(0, s.shape[0])
     index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=s.device)
     gathered = comm.all_gather_rows(local)
-    order = comm.all_gather_rows(index.to(s.dtype)).long()
+    order = comm.all_gather_rows(index)
     out = torch.empty_like(gathered)
     out[order] = gathered
     return out

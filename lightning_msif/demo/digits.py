@@ -24,17 +24,17 @@ class DigitsDataset(Dataset):
     """Map-style ``(x [64] float32 in [0, 1], y int64)`` pairs, with what a report needs to show them.
 
     ``images`` ``[N, 8, 8]``, ``targets`` (the labels trained on), ``clean_targets`` (the true ones),
-    ``corrupted_indices`` (where they differ), ``classes`` (the digit each label stands for) and
+    ``corrupted_indices`` (where they differ), ``class_names`` (the digit each label stands for) and
     ``source_indices`` (row in ``load_digits``).
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, clean_targets: torch.Tensor,
-                 classes: Sequence[str], source_indices: torch.Tensor):
+                 class_names: Sequence[str], source_indices: torch.Tensor):
         self.images = images
         self.x = images.reshape(len(images), -1)
         self.targets = targets
         self.clean_targets = clean_targets
-        self.classes = list(classes)
+        self.class_names = list(class_names)
         self.source_indices = source_indices
         self.corrupted_indices = (targets != clean_targets).nonzero().flatten()
 
@@ -62,14 +62,18 @@ class DigitsDataModule(L.LightningDataModule):
         if not 0.0 <= corrupt_fraction < 1.0:
             raise ValueError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction!r}.")
         if corrupt_fraction and task != "pretrain":
-            raise ValueError(f"corrupt_fraction is for the pretrain task only, got {corrupt_fraction!r} with task={task!r}.")
+            raise ValueError(
+                f"corrupt_fraction is for the pretrain task only, got {corrupt_fraction!r} with task={task!r}."
+            )
         if not (val_fraction >= 0 and test_fraction >= 0 and val_fraction + test_fraction < 1):
-            raise ValueError(f"val_fraction and test_fraction must be ≥ 0 and sum below 1, got {val_fraction!r}, {test_fraction!r}.")
+            raise ValueError(
+                f"val_fraction and test_fraction must be ≥ 0 and sum below 1, got {val_fraction!r}, {test_fraction!r}."
+            )
         self.save_hyperparameters()
         self.datasets: Dict[str, DigitsDataset] = {}
 
     @property
-    def classes(self) -> List[str]:
+    def class_names(self) -> List[str]:
         """Digit names of labels 0..4."""
         return [str(d) for d in TASK_DIGITS[self.hparams.task]]
 
@@ -109,7 +113,7 @@ class DigitsDataModule(L.LightningDataModule):
                 which = torch.randperm(len(idx), generator=g)[: round(hp.corrupt_fraction * len(idx))]
                 shift = torch.randint(1, len(digits), (len(which),), generator=g)
                 targets[which] = (clean[which] + shift) % len(digits)
-            self.datasets[split] = DigitsDataset(images[idx], targets, clean, self.classes, idx)
+            self.datasets[split] = DigitsDataset(images[idx], targets, clean, self.class_names, idx)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.dataset(split), batch_size=self.hparams.batch_size, shuffle=shuffle)
@@ -152,7 +156,9 @@ class DigitsClassifier(L.LightningModule):
 
     ``weight_decay`` λ is Adam's *coupled* L2 (λ·p added to the gradient), so training stops at a
     stationary point of ``loss + λ/2 ‖p‖²`` over the trainable parameters: use the same λ as the
-    influence damping. ``freeze_backbone`` makes the backbone untrainable (the "fixed" mode);
+    influence damping. The learning rate is annealed to zero over ``max_epochs`` (cosine) so training
+    ends close to that stationary point; what negative curvature remains, the damping must cover.
+    ``freeze_backbone`` makes the backbone untrainable (the "fixed" mode);
     ``pretrained`` (a weights file path or a state dict) loads the backbone from a pretrained model.
     """
 
@@ -190,4 +196,6 @@ class DigitsClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -1,0 +1,77 @@
+"""The `msif` command: re-scoring from snapshots, reports to W&B offline, help and bad arguments."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lightning_fixtures import TinyDataModule, TinyModule, trainer
+from reference import rel_err
+from wandb_offline import run_dir, table, wandb_env  # noqa: F401
+
+from lightning_msif import MultiStageInfluence, load_pretrained
+from lightning_msif.cli import main
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cli") / "msif"
+    trainer(callbacks=[MultiStageInfluence(stage="pretrain", snapshot_dir=d)]).fit(TinyModule(), datamodule=TinyDataModule())
+    fine = load_pretrained(TinyModule(classes=2, init_seed=1), d)
+    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, mode="updated", alpha=0.5, damping=0.5, solver="cg",
+                             solver_options={"tol": 1e-12}, progress=False, report=False)
+    trainer(callbacks=[cb]).fit(fine, datamodule=TinyDataModule(n=11, classes=2, seed=5))
+    return d
+
+
+def _msif(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "lightning_msif", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_score_from_snapshots_reproduces_the_callback(scored, capsys):
+    before = MultiStageInfluence.load_scores(scored)
+    (scored / "scores.safetensors").unlink()
+    assert main(["score", f"snapshot_dir={scored}", "progress=false"]) == 0  # settings: the last run's (updated, cg)
+    assert rel_err(MultiStageInfluence.load_scores(scored), before) <= 1e-9
+    assert (scored / "report" / "report.html").exists() and (scored / "report" / "top_k.csv").exists()
+    assert "scores (13, 5) written" in capsys.readouterr().out
+
+
+def test_score_with_overrides(scored):
+    assert main(["score", f"snapshot_dir={scored}", "solver=exact", "damping=0.5", "report=false", "progress=false"]) == 0
+    from lightning_msif.snapshots import read_scores
+
+    scores, manifest = read_scores(scored)
+    assert manifest.solver == "exact" and manifest.mode == "updated"  # mode kept from the last run
+    assert rel_err(scores, MultiStageInfluence.load_scores(scored)) == 0.0
+
+
+def test_report_to_wandb_offline(scored, tmp_path, wandb_env):  # noqa: F811
+    assert main(["report", f"snapshot_dir={scored}", "top_k=2", "wandb.project=msif-cli", "wandb.mode=offline",
+                 f"wandb.dir={tmp_path}"]) == 0
+    top = table(run_dir(tmp_path), "msif/top_k")
+    assert len(top["data"]) == 5 * 2 * 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["score", "snapshot_dir=x", "bogus=1"], "unknown key 'bogus'"),
+    (["score", "snapshot_dir=x", "mode=sideways"], "mode='sideways' is not allowed; choose one of ['fixed', 'updated']"),
+    (["report"], "snapshot_dir is required"),
+    (["rank"], "unknown command 'rank'"),
+    (["score", "snapshot_dir=/nonexistent"], "No pretrain snapshot"),
+])
+def test_bad_arguments_exit_nonzero_with_a_clear_message(args, message):
+    proc = _msif(*args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_help_lists_the_options():
+    proc = _msif("--help")
+    assert proc.returncode == 0
+    for word in ("msif score", "msif report", "solver_options", "wandb.project", "snapshot_dir"):
+        assert word in proc.stdout
+    console = Path(sys.executable).parent / "msif"
+    assert console.exists() and subprocess.run([str(console), "--help"], capture_output=True, timeout=120).returncode == 0

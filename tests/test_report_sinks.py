@@ -1,0 +1,115 @@
+"""What the finetune stage logs: W&B (read back from the offline run's files), TensorBoard, CSV, local files."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning_fixtures import TinyDataModule, TinyModule, trainer
+from safetensors.torch import load_file
+from wandb_offline import artifacts, media, run_dir, summary, table, wandb_env  # noqa: F401
+
+from lightning_msif import MultiStageInfluence, load_pretrained
+from lightning_msif.reports.attribution import TOPK_COLUMNS, Attribution
+from lightning_msif.reports.render import ExampleViews
+from lightning_msif.reports.sinks import WANDB_MAX_ROWS, log_wandb
+
+TOP_K = 3
+IMAGES = dict(d=16)  # 16 inputs render as 4×4 images
+
+
+def _two_stages(d: Path, logger) -> MultiStageInfluence:
+    trainer(callbacks=[MultiStageInfluence(stage="pretrain", snapshot_dir=d)]).fit(
+        TinyModule(d_in=16), datamodule=TinyDataModule(**IMAGES))
+    fine = load_pretrained(TinyModule(classes=2, freeze_backbone=True, init_seed=1, d_in=16), d)
+    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, damping=0.01, top_k=TOP_K, progress=False)
+    trainer(callbacks=[cb], logger=logger).fit(fine, datamodule=TinyDataModule(n=11, classes=2, seed=5, **IMAGES))
+    return cb
+
+
+def test_wandb_offline_run_holds_tables_images_summary_and_artifact(tmp_path, wandb_env):  # noqa: F811
+    import wandb
+
+    cb = _two_stages(tmp_path / "msif", WandbLogger(project="msif-test", mode="offline", save_dir=str(tmp_path)))
+    wandb.finish()
+    run = run_dir(tmp_path)
+    scores = cb.scores
+    top = table(run, "msif/top_k")
+    assert top["columns"] == [*TOPK_COLUMNS, "query_example", "pretrain_example"]
+    assert len(top["data"]) == scores.shape[1] * 2 * TOP_K
+    col = {c: i for i, c in enumerate(top["columns"])}
+    for row in top["data"]:
+        i, j = row[col["pretrain_index"]], row[col["query_index"]]
+        assert row[col["score"]] == pytest.approx(scores[i, j].item(), rel=1e-12)
+        assert row[col["delta_loss_if_removed"]] == pytest.approx(-scores[i, j].item() / scores.shape[0], rel=1e-12)
+        ranked = torch.sort(scores[:, j], descending=row[col["side"]] == "harmful").indices
+        assert ranked[row[col["rank"]] - 1].item() == i
+    assert {p.name.split("_")[0] for p in media(run, "images")} >= {"class", "score"}  # heatmap, histogram plot
+    # Table media travel in the table's run_table artifact: one PNG per distinct example shown.
+    (top_art,) = [a for a in artifacts(run) if a.type == "run_table" and "top_k" in a.name]
+    files = {m.path: m.local_path for m in top_art.manifest.contents}
+    pngs = [p for p in files if p.endswith(".png")]
+    shown = {("q", r[col["query_index"]]) for r in top["data"]} | {("p", r[col["pretrain_index"]]) for r in top["data"]}
+    assert 0 < len(pngs) <= len(shown) and all(Path(files[p]).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    staged_table = json.loads(Path(files["msif/top_k.table.json"]).read_text())
+    assert staged_table["data"][0][col["pretrain_example"]]["_type"] == "image-file"
+    for name in ("class_influence_mean", "class_influence_total", "most_harmful"):
+        assert table(run, f"msif/{name}")["data"]
+    s = summary(run)
+    assert s["msif/n_pretrain"] == 13 and s["msif/n_query"] == 5 and s["msif/solver"] == "exact"
+    assert s["msif/score_histogram/_type"] == "histogram" and sum(s["msif/score_histogram/values"]) == 13 * 5
+    (art,) = [a for a in artifacts(run) if a.type == "influence-scores"]
+    staged = {m.path: m.local_path for m in art.manifest.contents}
+    assert {"scores.safetensors", "scores.yaml", "report.html"} <= set(staged)
+    assert torch.equal(load_file(staged["scores.safetensors"])["scores"], scores)
+
+
+def test_tensorboard_sink(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path / "tb"))
+    _two_stages(tmp_path / "msif", logger)
+    acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "images": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"msif/top_k/text_summary", "msif/how_to_read/text_summary"} <= set(tags["tensors"])
+    assert {"msif/class_heatmap", "msif/score_histogram"} <= set(tags["images"])
+    assert "msif/scores" in tags["histograms"]
+    text = acc.Tensors("msif/top_k/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| query_index | query_label |" in text
+
+
+def test_csv_logger_and_local_files(tmp_path):
+    logger = CSVLogger(str(tmp_path / "csv"))
+    cb = _two_stages(tmp_path / "msif", logger)
+    for folder in (Path(logger.log_dir) / "msif", tmp_path / "msif" / "report"):
+        with open(folder / "top_k.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == 5 * 2 * TOP_K and list(rows[0]) == list(TOPK_COLUMNS)
+        for r in rows:
+            assert float(r["score"]) == pytest.approx(cb.scores[int(r["pretrain_index"]), int(r["query_index"])].item())
+        assert (folder / "class_influence_mean.csv").exists() and (folder / "most_harmful.csv").exists()
+    assert (tmp_path / "msif" / "report" / "report.html").stat().st_size > 1000
+
+
+def test_no_logger_writes_only_local_files(tmp_path):
+    cb = _two_stages(tmp_path / "msif", False)
+    report = tmp_path / "msif" / "report"
+    assert sorted(p.name for p in report.iterdir()) == [
+        "class_influence_mean.csv", "class_influence_total.csv", "most_harmful.csv", "report.html", "top_k.csv"]
+    assert cb.scores is not None
+
+
+def test_wandb_tables_are_split_below_the_row_cap(tmp_path, wandb_env):  # noqa: F811
+    import wandb
+
+    scores = torch.randn(30, WANDB_MAX_ROWS // 10 + 5, dtype=torch.float64)  # 10 rows per query → over the cap
+    attr = Attribution(scores, pretrain_labels=torch.arange(30) % 3, query_labels=torch.arange(scores.shape[1]) % 2)
+    run = wandb.init(project="msif-test", mode="offline", dir=str(tmp_path))
+    log_wandb(run, attr, ExampleViews(), top_k=5)
+    run.finish()
+    folder = run_dir(tmp_path)
+    parts = [table(folder, "msif/top_k_part1"), table(folder, "msif/top_k_part2")]
+    assert len(parts[0]["data"]) == WANDB_MAX_ROWS
+    assert len(parts[0]["data"]) + len(parts[1]["data"]) == scores.shape[1] * 10
