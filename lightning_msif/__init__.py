@@ -1,29 +1,39 @@
-"""lightning-msif: multi-stage influence functions for PyTorch Lightning."""
-from .callback import MultiStageInfluence, load_pretrained
-from .config import CallbackConfig, InfluenceConfig, register_configs
-from .core.influence import (
-    InfluenceResult,
-    compute_multistage,
-    compute_single_stage,
-    multistage_influence,
-    single_stage_influence,
-)
-from .errors import MSIFError
-from .scoring_job import rescore
+"""lightning-msif: multi-stage influence functions for PyTorch Lightning.
+
+Names are imported on first use, so the pure-torch core (and ``msif --help``) does not pay for
+importing Lightning and W&B.
+"""
+from importlib import import_module
+from typing import Any, List
+
 from .version import __version__
 
-__all__ = [
-    "CallbackConfig",
-    "InfluenceConfig",
-    "InfluenceResult",
-    "MSIFError",
-    "MultiStageInfluence",
-    "__version__",
-    "compute_multistage",
-    "compute_single_stage",
-    "load_pretrained",
-    "multistage_influence",
-    "register_configs",
-    "rescore",
-    "single_stage_influence",
-]
+_EXPORTS = {
+    "MultiStageInfluence": ".callback",
+    "load_pretrained": ".callback",
+    "CallbackConfig": ".config",
+    "InfluenceConfig": ".config",
+    "register_configs": ".config",
+    "InfluenceResult": ".core.influence",
+    "compute_multistage": ".core.influence",
+    "compute_single_stage": ".core.influence",
+    "multistage_influence": ".core.influence",
+    "per_example_gradients": ".core.influence",
+    "single_stage_influence": ".core.influence",
+    "MSIFError": ".errors",
+    "rescore": ".scoring_job",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_msif' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -78,7 +78,10 @@ def influence_kwargs(cfg: InfluenceConfig) -> Dict[str, Any]:
     d = asdict(cfg) if not isinstance(cfg, dict) else dict(cfg)
     opts = d.pop("solver_options") or {}
     keys = ("shared", "mode", "alpha", "damping", "solver", "hessian_samples", "chunk_size", "scoring")
-    return {**{k: d[k] for k in keys}, **dict(opts)}
+    out = {**{k: d[k] for k in keys}, **dict(opts)}
+    if out["mode"] == "fixed":  # a config may carry α for a later switch to updated mode
+        out["alpha"] = None
+    return out
 
 
 def register_configs() -> None:

@@ -101,6 +101,7 @@ def run_scoring(inputs: ScoringInputs, cfg: InfluenceConfig, snapshot_dir: PathL
         options = SolverOptions.from_kwargs(dict(cfg.solver_options or {})).as_dict()
         manifest = {
             **{k: v for k, v in asdict(cfg).items() if k in InfluenceConfig.__dataclass_fields__},
+            "alpha": kwargs["alpha"],
             "solver_options": options,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),

@@ -16,17 +16,18 @@ from pathlib import Path
 from typing import Union
 
 import hydra
+from hydra.utils import instantiate
 import lightning as L
 import torch
 import wandb
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_msif import MultiStageInfluence
+from lightning_msif import MultiStageInfluence, register_configs
 from lightning_msif.demo import DigitsClassifier, DigitsDataModule, DigitsDataset
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
-SHARED = "backbone"
+register_configs()  # the `msif/callback` schema the YAML's defaults list names
 
 
 def make_logger(cfg: DictConfig, stage: str) -> Union[Logger, bool]:
@@ -111,16 +112,13 @@ def main(cfg: DictConfig) -> None:
     snapshots = Path(cfg.snapshot_dir)
 
     pretrain_model = DigitsClassifier(**model)
-    pre = MultiStageInfluence(stage="pretrain", snapshot_dir=snapshots, shared=SHARED)
+    pre = instantiate(cfg.callbacks.pretrain, _convert_="all")
     t_pre = fit(cfg, "pretrain", pretrain_model, pretrain_dm, pre)
 
     L.seed_everything(cfg.seed, workers=True)
     finetune_model = DigitsClassifier(**model, freeze_backbone=cfg.mode == "fixed",
                                       pretrained=str(snapshots / "pretrain" / "weights.safetensors"))
-    ft = MultiStageInfluence(stage="finetune", snapshot_dir=snapshots, shared=SHARED, mode=cfg.mode,
-                             alpha=cfg.alpha, damping=cfg.damping, solver=cfg.solver,
-                             solver_options=OmegaConf.to_container(cfg.solver_options), query=cfg.query,
-                             top_k=cfg.top_k, enforce_proximal=cfg.mode == "updated")
+    ft = instantiate(cfg.callbacks.finetune, enforce_proximal=cfg.mode == "updated", _convert_="all")
     t_ft = fit(cfg, "finetune", finetune_model, finetune_dm, ft)
 
     report(cfg, ft.scores, pretrain_dm.train_dataset, finetune_dm.dataset(cfg.query), finetune_model)

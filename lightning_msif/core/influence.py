@@ -60,7 +60,7 @@ class _Settings:
     def bar(self, total: int, desc: str) -> Optional[tqdm]:
         if not self.progress or self.comm.rank != 0:
             return None
-        return tqdm(total=total, desc=desc, unit="ex", leave=False)
+        return tqdm(total=total, desc=desc, unit="ex", leave=False, disable=None)  # None: off when not a TTY
 
     def hessian_indices(self, n: int) -> Sequence[int]:
         if self.hessian_samples is None or self.hessian_samples >= n:
@@ -80,6 +80,15 @@ class _Settings:
             x, info = solve(op, rhs, self.solver, self.options)
         self.info.setdefault("solves", {})[name] = info
         return x
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: the device allocator's on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def _settings(damping: float, solver: str, solver_options: Dict[str, Any], hessian_samples: Optional[int],
@@ -231,6 +240,7 @@ def compute_multistage(
             return torch.cat([g, g.new_zeros(g.shape[0], pt_space.dim - theta_dim)], 1)
 
         scores = _solve_and_score(pt, pt_space, finetune_side, st, pretrain_gradients)
+    st.info["peak_memory_mb"] = peak_memory_mb(pt.device)
     return InfluenceResult(scores, st.info)
 
 
@@ -285,6 +295,7 @@ def compute_single_stage(
         space = ParamSpace.of(train.params, names)
         st.info.update(mode="single", n_pretrain=len(train_src), n_query=len(query_src), dim=space.dim)
         scores = _solve_and_score(train, space, lambda: _gradients(q, space, st), st)
+    st.info["peak_memory_mb"] = peak_memory_mb(train.device)
     return InfluenceResult(scores, st.info)
 
 
