@@ -234,5 +234,21 @@ def trained_problem(mode: str = "fixed", alpha: float = None, damping: float = 0
     return copy.deepcopy(pre), copy.deepcopy(fine), pt, ft, q
 
 
+_REFERENCE: dict = {}
+
+
+def solved_case(mode: str, alpha: float = 1.0, damping: float = 0.1):
+    """``trained_problem`` of ``mode`` plus its brute-force scores (computed once per process).
+
+    Returns ``(pre, fine, pt, ft, q, alpha, reference)``; ``alpha`` is None in fixed mode.
+    """
+    alpha = alpha if mode == "updated" else None
+    pre, fine, pt, ft, q = trained_problem(mode, alpha, damping)
+    key = (mode, alpha, damping)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = brute_force(pre, fine, pt, ft, q, mode=mode, alpha=alpha, damping=damping)
+    return pre, fine, pt, ft, q, alpha, _REFERENCE[key]
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1].item()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import brute_force, brute_force_single, loader, pearson, problem, rel_err, trained_problem
+from reference import solved_case, brute_force, brute_force_single, loader, pearson, problem, rel_err, trained_problem
 
 from lightning_msif import compute_multistage, multistage_influence, single_stage_influence
 
@@ -18,16 +18,9 @@ MODES = ("fixed", "updated")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-_REF = {}
-
-
 def _case(mode: str):
-    """The trained problem of ``mode`` and its brute-force scores (computed once per module)."""
-    alpha = ALPHA if mode == "updated" else None
-    pre, fine, pt, ft, q = trained_problem(mode, alpha, DAMPING)
-    if mode not in _REF:
-        _REF[mode] = brute_force(pre, fine, pt, ft, q, mode=mode, alpha=alpha, damping=DAMPING)
-    return pre, fine, pt, ft, q, alpha, _REF[mode]
+    """The trained problem of ``mode`` and its brute-force scores (cached in ``reference``)."""
+    return solved_case(mode, ALPHA, DAMPING)
 
 
 def _multistage(pre, fine, pt, ft, q, mode, alpha, **kw):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import TinyNet, blobs, brute_force, brute_force_single, loader, problem, rel_err, trained_problem
+from reference import solved_case, TinyNet, blobs, brute_force, brute_force_single, loader, problem, rel_err, trained_problem
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -20,15 +20,10 @@ DAMPING = 0.1
 ALPHA = 1.0
 MODES = ("fixed", "updated")
 
-_REF = {}
-
 
 def _case(mode: str):
-    alpha = ALPHA if mode == "updated" else None
-    pre, fine, pt, ft, q = trained_problem(mode, alpha, DAMPING)
-    if mode not in _REF:
-        _REF[mode] = brute_force(pre, fine, pt, ft, q, mode=mode, alpha=alpha, damping=DAMPING)
-    return pre, fine, pt, ft, q, alpha, _REF[mode]
+    """The trained problem of ``mode`` and its brute-force scores (cached in ``reference``)."""
+    return solved_case(mode, ALPHA, DAMPING)
 
 
 def _run(pre, fine, pt, ft, q, mode, alpha, **kw):
