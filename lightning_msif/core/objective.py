@@ -114,10 +114,10 @@ class Objective:
                 f"returned {shape}. Use reduction='none', e.g. "
                 "F.cross_entropy(model(x), y, reduction='none')."
             )
-        self._assert_finite(out, "losses", idx)
+        self.assert_finite(out, "losses", idx)
         self._checked = True
 
-    def _assert_finite(self, t: torch.Tensor, what: str, idx: torch.Tensor) -> None:
+    def assert_finite(self, t: torch.Tensor, what: str, idx: torch.Tensor) -> None:
         bad = ~torch.isfinite(t)
         if bad.any():
             rows = bad.reshape(bad.shape[0], -1).any(dim=1) if t.dim() else bad.reshape(1)
@@ -213,7 +213,7 @@ class Objective:
                 rows.append(self.per_example_grads(space, slice_batch(batch, start, start + c)))
             idxs.append(idx)
         local = torch.cat(rows) if rows else torch.zeros(0, space.dim, device=self.device, dtype=self.dtype)
-        self._assert_finite(local, "gradients", torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long))
+        self.assert_finite(local, "gradients", torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long))
         return self.comm.all_gather_rows(local)
 
     # -- second order ---------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
             pieces = []
             for batch, idx in obj.batches(range(start, stop), shard=False):
                 piece = obj.dot_grads(space, s, batch, method)
-                obj._assert_finite(piece, "per-example gradients", idx)
+                obj.assert_finite(piece, "per-example gradients", idx)
                 pieces.append(piece)
             part = -torch.cat(pieces)
             if store is not None:
