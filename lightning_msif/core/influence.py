@@ -57,10 +57,10 @@ class _Settings:
         yield
         self.info.setdefault("seconds", {})[name] = time.perf_counter() - start
 
-    def bar(self, total: int, desc: str) -> Optional[tqdm]:
+    def bar(self, total: int, desc: str, unit: str = "ex") -> Optional[tqdm]:
         if not self.progress or self.comm.rank != 0:
             return None
-        return tqdm(total=total, desc=desc, unit="ex", leave=False, disable=None)  # None: off when not a TTY
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)  # None: off when not a TTY
 
     def hessian_indices(self, n: int) -> Sequence[int]:
         if self.hessian_samples is None or self.hessian_samples >= n:
@@ -76,8 +76,12 @@ class _Settings:
         )
 
     def solve(self, name: str, op: HessianOperator, rhs: torch.Tensor) -> torch.Tensor:
+        steps = {"cg": self.options.max_iter, "lissa": self.options.lissa_depth * self.options.lissa_repeats}
+        bar = self.bar(steps[self.solver], f"{name} solve ({self.solver})", "it") if self.solver in steps else None
         with self.phase(name):
-            x, info = solve(op, rhs, self.solver, self.options)
+            x, info = solve(op, rhs, self.solver, self.options, bar)
+        if bar is not None:
+            bar.close()
         self.info.setdefault("solves", {})[name] = info
         return x
 

@@ -56,12 +56,16 @@ class SolverOptions:
         return asdict(self)
 
 
-def solve(op: HessianOperator, rhs: torch.Tensor, solver: str, opts: SolverOptions) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """``X`` with ``op.matmat(X) ≈ rhs`` and a dict describing the convergence."""
+def solve(op: HessianOperator, rhs: torch.Tensor, solver: str, opts: SolverOptions,
+          progress: Optional[Any] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """``X`` with ``op.matmat(X) ≈ rhs`` and a dict describing the convergence.
+
+    ``progress`` (a tqdm-like bar, or None) advances once per iteration of the iterative solvers.
+    """
     if rhs.shape[0] == 0 or op.dim == 0:
         return torch.zeros_like(rhs), {"solver": solver, "dim": op.dim}
     fn = {"exact": _exact, "cg": _cg, "lissa": _lissa}[solver]
-    x, info = fn(op, rhs, opts)
+    x, info = fn(op, rhs, opts, progress)
     if not torch.isfinite(x).all():
         raise MSIFError(
             f"The {solver} solve of the {op.objective.role} Hessian produced NaN/inf. Add damping "
@@ -71,7 +75,7 @@ def solve(op: HessianOperator, rhs: torch.Tensor, solver: str, opts: SolverOptio
     return x, info
 
 
-def _exact(op: HessianOperator, rhs: torch.Tensor, opts: SolverOptions) -> Tuple[torch.Tensor, Dict[str, Any]]:
+def _exact(op: HessianOperator, rhs: torch.Tensor, opts: SolverOptions, progress: Optional[Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
     h = op.dense(opts.max_dense_params).double()
     try:
         x = torch.linalg.solve(h, rhs.double().T).T
@@ -83,7 +87,7 @@ def _exact(op: HessianOperator, rhs: torch.Tensor, opts: SolverOptions) -> Tuple
     return x.to(rhs.dtype), {"min_eigenvalue": eig[0].item(), "max_eigenvalue": eig[-1].item()}
 
 
-def _cg(op: HessianOperator, rhs: torch.Tensor, opts: SolverOptions) -> Tuple[torch.Tensor, Dict[str, Any]]:
+def _cg(op: HessianOperator, rhs: torch.Tensor, opts: SolverOptions, progress: Optional[Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
     x = torch.zeros_like(rhs)
     r = rhs.clone()
     p = r.clone()
@@ -110,6 +114,9 @@ def _cg(op: HessianOperator, rhs: torch.Tensor, opts: SolverOptions) -> Tuple[to
         rs[a_idx] = rs_new
         active = rs > target
         it += 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(residual=f"{(rs.max() / rhs.norm(dim=1).max() ** 2).sqrt().item():.2e}", refresh=False)
     rel = (rs.sqrt() / rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)).tolist()
     if active.any():
         warnings.warn(
@@ -132,7 +139,7 @@ def _power_max_eig(op: HessianOperator, like: torch.Tensor, iters: int = 30) -> 
     return abs(lam)
 
 
-def _lissa(op: HessianOperator, rhs: torch.Tensor, opts: SolverOptions) -> Tuple[torch.Tensor, Dict[str, Any]]:
+def _lissa(op: HessianOperator, rhs: torch.Tensor, opts: SolverOptions, progress: Optional[Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
     scale = opts.lissa_scale or 1.2 * _power_max_eig(op, rhs)
     n = len(op.indices)
     batch = min(n, opts.lissa_batch_size or op.objective.source.batch_size)
@@ -157,6 +164,8 @@ def _lissa(op: HessianOperator, rhs: torch.Tensor, opts: SolverOptions) -> Tuple
                 )
             last_change = ((new - h).norm() / norm.clamp_min(1e-300)).item()
             h = new
+            if progress is not None:
+                progress.update(1)
             if t >= tail:
                 tail_sum += h
         acc += tail_sum / (opts.lissa_depth - tail) / scale
