@@ -56,9 +56,9 @@ def solve_calls(monkeypatch):
     calls = []
     real = influence.solve
 
-    def counting(op, rhs, solver, opts):
+    def counting(op, rhs, solver, opts, progress=None):
         calls.append((solver, rhs.shape[0]))
-        return real(op, rhs, solver, opts)
+        return real(op, rhs, solver, opts, progress)
 
     monkeypatch.setattr(influence, "solve", counting)
     return calls
