@@ -2,7 +2,7 @@
 
 Usage: python tests/ddp_job.py OUT_DIR [DEVICES]. Pretrains once with two pretrain callbacks (two
 snapshot dirs), then finetunes in fixed mode (exact solver) into OUT_DIR/fixed and in updated mode
-(CG, enforced proximal term) into OUT_DIR/updated. n = 13 pretraining examples: not divisible by 2.
+(CG, enforced proximal term, stored pretraining gradients) into OUT_DIR/updated. n = 13 pretraining examples: not divisible by 2.
 """
 import sys
 from pathlib import Path
@@ -22,7 +22,9 @@ SETTINGS = {
 def main(out: Path, devices: int) -> None:
     run = dict(strategy="ddp" if devices > 1 else "auto", devices=devices, max_epochs=10)
     pre = TinyModule()
-    callbacks = [MultiStageInfluence(stage="pretrain", snapshot_dir=out / name, shared="backbone") for name in SETTINGS]
+    # The updated-mode run also stores the pretraining gradients (gathered over ranks) and scores from them.
+    callbacks = [MultiStageInfluence(stage="pretrain", snapshot_dir=out / name, shared="backbone",
+                                     store_gradients=name == "updated", progress=False) for name in SETTINGS]
     trainer(callbacks=callbacks, **run).fit(pre, datamodule=TinyDataModule(n=13))
     for name, settings in SETTINGS.items():
         fine = load_pretrained(TinyModule(classes=2, freeze_backbone=name == "fixed", init_seed=1), out / name)

@@ -52,6 +52,9 @@ def test_ddp_scores_equal_single_process(ddp_run: Path, name: str) -> None:
     # the finetune stage ran the updated-mode solve to convergence on both ranks
     if name == "updated":
         assert manifest.info.solves.pretrain.converged
+        assert manifest.info.scoring == "stored_gradients"  # gathered from both ranks, rows in dataset order
+    else:
+        assert manifest.info.scoring in ("grad", "jvp")
 
 
 def test_rescore_from_ddp_snapshots(ddp_run: Path) -> None:
