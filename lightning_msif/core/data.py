@@ -75,13 +75,13 @@ class ExampleSource:
     def __len__(self) -> int:
         return self.n
 
-    def batches(self, indices: Sequence[int]) -> Iterator[Tuple[Any, torch.Tensor]]:
-        """(batch, its dataset indices) over ``indices`` in the given order."""
+    def batches(self, indices: Sequence[int], batch_size: Optional[int] = None) -> Iterator[Tuple[Any, torch.Tensor]]:
+        """(batch, its dataset indices) over ``indices`` in the given order (default: the data's batch size)."""
         indices = list(indices)
         if not indices:
             return iter(())
         loader = DataLoader(
-            Subset(self.dataset, indices), batch_size=self.batch_size, shuffle=False, collate_fn=self.collate
+            Subset(self.dataset, indices), batch_size=batch_size or self.batch_size, shuffle=False, collate_fn=self.collate
         )
         idx = torch.as_tensor(indices)
 

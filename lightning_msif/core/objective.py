@@ -127,19 +127,20 @@ class Objective:
                 "weights and those examples (a diverged training run, log(0), a division by zero)."
             )
 
-    def batches(self, indices: Sequence[int], progress: Optional[Any] = None, shard: bool = True) -> Iterator[tuple]:
+    def batches(self, indices: Sequence[int], progress: Optional[Any] = None, shard: bool = True,
+                batch_size: Optional[int] = None) -> Iterator[tuple]:
         """Device batches of ``indices`` (this rank's contiguous share when ``shard``), with their indices."""
         mine = indices
         if shard:
             mine = [indices[i] for i in shard_range(len(indices), self.comm.rank, self.comm.world_size)]
-        for batch, idx in self.source.batches(mine):
+        for batch, idx in self.source.batches(mine, batch_size):
             batch = to_device(batch, self.device, self.dtype)
             self._check(batch, idx)
             yield batch, idx
             if progress is not None:
                 progress.update(len(idx))
 
-    def _chunk(self, space: ParamSpace) -> int:
+    def chunk_for(self, space: ParamSpace) -> int:
         """Examples per vectorised gradient chunk: ``chunk_size``, or as many as fit in ``_CHUNK_BYTES``."""
         if self.chunk_size:
             return self.chunk_size
@@ -192,7 +193,7 @@ class Objective:
         ``grad`` materialises at most ``chunk`` examples' gradients at a time (chunk × dim numbers);
         ``jvp`` pushes at most ``chunk`` (example, query) pairs through one vectorised forward pass.
         """
-        b, c, k = batch_size_of(batch), self._chunk(space), vectors.shape[0]
+        b, c, k = batch_size_of(batch), self.chunk_for(space), vectors.shape[0]
         if k == 0 or space.dim == 0:
             return vectors.new_zeros(b, k)
         out = []
@@ -208,7 +209,7 @@ class Objective:
         """``[n, dim]``: per-example gradients of every example of the source (for the few queries)."""
         rows, idxs = [], []
         for batch, idx in self.batches(range(len(self.source)), progress):
-            b, c = batch_size_of(batch), self._chunk(space)
+            b, c = batch_size_of(batch), self.chunk_for(space)
             for start in range(0, b, c):
                 rows.append(self.per_example_grads(space, slice_batch(batch, start, start + c)))
             idxs.append(idx)

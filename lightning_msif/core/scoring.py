@@ -14,6 +14,7 @@ from .objective import Objective
 from .params import ParamSpace
 
 DEFAULT_BLOCK = 4096
+SCORING_BATCH_FACTOR = 4
 
 AUTO_JVP_MAX_QUERIES = 16
 """``'auto'`` scoring takes forward mode up to this many queries, per-example gradients above.
@@ -69,6 +70,10 @@ def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
     method = resolve_method(method, s.shape[0])
     block = block or DEFAULT_BLOCK
     starts = list(range(0, n, block))[comm.rank :: comm.world_size]
+    # Fewer, larger vectorised calls: up to SCORING_BATCH_FACTOR × the data's batch size per read,
+    # within one gradient chunk (activation memory then stays near a training step's).
+    bs = obj.source.batch_size
+    size = max(bs, min(obj.chunk_for(space), SCORING_BATCH_FACTOR * bs))
     parts: List[torch.Tensor] = []
     rows: List[torch.Tensor] = []
     for start in starts:
@@ -77,7 +82,7 @@ def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
         part = store.get(key) if store is not None else None
         if part is None:
             pieces = []
-            for batch, idx in obj.batches(range(start, stop), shard=False):
+            for batch, idx in obj.batches(range(start, stop), shard=False, batch_size=size):
                 piece = obj.dot_grads(space, s, batch, method)
                 obj.assert_finite(piece, "per-example gradients", idx)
                 pieces.append(piece)
