@@ -22,6 +22,7 @@ _EXPORTS = {
     "single_stage_influence": ".core.influence",
     "MSIFError": ".errors",
     "rescore": ".scoring_job",
+    "evaluate": ".evaluation",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

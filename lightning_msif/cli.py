@@ -1,10 +1,12 @@
-"""``msif``: re-score from snapshots and rebuild the reports, configured with OmegaConf overrides.
+"""``msif``: re-score from snapshots, rebuild the reports, evaluate against retraining; OmegaConf overrides.
 
     msif score  snapshot_dir=runs/msif mode=updated alpha=0.1 solver=cg solver_options.tol=1e-6
     msif report snapshot_dir=runs/msif top_k=10 wandb.project=my-project wandb.mode=offline
+    msif evaluate recipe=digits loo.examples=50 lds.subsets=50 lds.fraction=0.5 methods=[multistage,random]
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence
@@ -14,6 +16,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from .config import InfluenceConfig, validate
 from .errors import MSIFError
+from .evaluation.config import EvaluationConfig
 from .scoring_job import last_config
 
 
@@ -41,6 +44,16 @@ class ScoreCommand(InfluenceConfig, ReportCommand):
     progress: bool = True
 
 
+@dataclass
+class EvaluateCommand(EvaluationConfig):
+    recipe: str = "digits"  # a built-in recipe, or the import path of a recipe class or factory
+    recipe_options: Dict[str, Any] = field(default_factory=dict)  # its keyword arguments
+    mode: Optional[str] = None  # passed to the recipe when set
+    alpha: Optional[float] = None  # passed to the recipe when set
+    threads: Optional[int] = 1  # torch intra-op threads (null: torch's default)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
 HELP: Dict[str, str] = {
     "snapshot_dir": "folder written by the callbacks (required)",
     "top_k": "pretraining examples per query and side in the report",
@@ -56,22 +69,34 @@ HELP: Dict[str, str] = {
     "report": "rebuild the report after scoring (true | false)",
     "progress": "progress bars (true | false)",
     "wandb": "wandb.project=NAME wandb.mode=online|offline|disabled wandb.id=RUN_ID wandb.name=... wandb.dir=...",
+    "recipe": "digits, or the import path of a recipe class/factory (see lightning_msif.evaluation)",
+    "recipe_options": "keyword arguments of the recipe, e.g. recipe_options.hidden=8 recipe_options.queries=40",
+    "out_dir": "where evaluation.csv, evaluation.html, loo_scatter.png go",
+    "cache_dir": "retraining cache, reused by later evaluations (null: <out_dir>/retrains)",
+    "methods": "[multistage,single_stage,grad_dot,random] or a subset",
+    "loo": "leave-one-out: loo.examples=50 (0: none) loo.indices=[3,17] loo.seeds=[0]",
+    "lds": "linear datamodeling: lds.subsets=50 (0: none) lds.fraction=0.5 lds.seeds=[0,1,2]",
+    "warm_start": "retrain from the full-data models (true) or from the seed's initialisation (false)",
+    "seed": "seed of the scored models and of the random draws",
+    "threads": "torch threads per process: small models retrain fastest on 1 (null: torch's default)",
 }
-COMMANDS = {"score": ScoreCommand, "report": ReportCommand}
+COMMANDS = {"score": ScoreCommand, "report": ReportCommand, "evaluate": EvaluateCommand}
 SUMMARY = {
     "score": "re-score from the saved snapshots without retraining (settings default to the last run's)",
     "report": "rebuild the tables, heatmap, histogram and report.html; log them to W&B if wandb.project is set",
+    "evaluate": "retrain a small recipe many times: leave-one-out and LDS of the scores and baselines",
 }
+NESTED = ("wandb", "solver_options", "recipe_options", "loo", "lds")  # shown as "..." in the usage
 
 
 def usage() -> str:
-    lines = ["usage: msif {score,report} key=value ...", "", "commands:"]
-    lines += [f"  {name:<8}{text}" for name, text in SUMMARY.items()]
+    lines = [f"usage: msif {{{','.join(COMMANDS)}}} key=value ...", "", "commands:"]
+    lines += [f"  {name:<10}{text}" for name, text in SUMMARY.items()]
     for name, schema in COMMANDS.items():
         lines += ["", f"msif {name} options:"]
         for f in fields(schema):
             default = getattr(schema(), f.name) if f.name != "snapshot_dir" else "(required)"
-            if f.name in ("wandb", "solver_options"):
+            if f.name in NESTED:
                 default = "..."
             lines.append(f"  {f.name:<16}{HELP.get(f.name, ''):<70} default: {default}")
     return "\n".join(lines)
@@ -142,6 +167,37 @@ def run_score(cfg: Any) -> None:
     print(f"scores {tuple(result.scores.shape)} written to {cfg.snapshot_dir}/scores.safetensors")
 
 
+def run_evaluate(cfg: Any) -> None:
+    """Build the recipe, evaluate, print the table. Under ``torchrun`` the processes share the retraining runs
+    through a gloo process group (its collectives are small: flags and query losses)."""
+    import torch
+    import torch.distributed as dist
+
+    from .evaluation import build_recipe, evaluate
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if joined:
+        dist.init_process_group("gloo")
+    try:
+        forwarded = {key: cfg[key] for key in ("mode", "alpha") if cfg[key] is not None}
+        recipe = build_recipe(cfg.recipe, **OmegaConf.to_container(cfg.recipe_options), **forwarded)
+        settings = OmegaConf.to_object(cfg)
+        config = EvaluationConfig(**{f.name: getattr(settings, f.name) for f in fields(EvaluationConfig)})
+        loggers = _loggers(cfg)
+        result = evaluate(recipe, config, wandb=loggers[0] if loggers else None)
+        for logger in loggers:
+            logger.experiment.finish()
+    finally:
+        if joined:
+            dist.destroy_process_group()
+    if result.files:  # global rank 0
+        print(result.table())
+        print(f"retraining runs: {result.retrained} trained, {result.reused} from the cache; "
+              f"report: {result.files['html']}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -156,6 +212,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         cfg = parse(command, overrides)
+        if command == "evaluate":
+            run_evaluate(cfg)
+            return 0
         if command == "score":  # settings not given default to the last run's
             cfg = parse(command, overrides, asdict(last_config(cfg.snapshot_dir)))
             run_score(cfg)

@@ -62,6 +62,11 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Opti
     _atomic(path, lambda tmp: save_file(data, tmp, metadata=metadata))
 
 
+def save_bytes(path: Path, data: bytes) -> None:
+    """Atomic binary write."""
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def save_text(path: Path, text: str) -> None:
     """Atomic text write."""
     _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

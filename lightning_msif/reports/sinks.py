@@ -19,7 +19,7 @@ from .render import ExampleViews
 WANDB_MAX_ROWS = 10_000  # W&B refuses larger tables in one log call
 
 
-def _csv_text(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
+def csv_text(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
@@ -51,7 +51,7 @@ def write_csv_tables(folder: PathLike, attr: Attribution, top_k: int) -> List[Pa
     paths = []
     for name, (rows, cols) in tables(attr, top_k).items():
         path = Path(folder) / f"{name}.csv"
-        save_text(path, _csv_text(rows, cols))
+        save_text(path, csv_text(rows, cols))
         paths.append(path)
     return paths
 
