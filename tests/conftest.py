@@ -5,6 +5,7 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
+from wandb_offline import wandb_env  # noqa: F401  (fixture: W&B offline in the test's tmp dir)
 
 
 class DictStore:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from lightning_fixtures import TinyDataModule, TinyModule, trainer
 from reference import rel_err
-from wandb_offline import run_dir, table, wandb_env  # noqa: F401
+from wandb_offline import run_dir, table
 
 from lightning_msif import MultiStageInfluence, load_pretrained
 from lightning_msif.cli import main
@@ -49,7 +49,7 @@ def test_score_with_overrides(scored):
     assert rel_err(scores, MultiStageInfluence.load_scores(scored)) == 0.0
 
 
-def test_report_to_wandb_offline(scored, tmp_path, wandb_env):  # noqa: F811
+def test_report_to_wandb_offline(scored, tmp_path, wandb_env):
     assert main(["report", f"snapshot_dir={scored}", "top_k=2", "wandb.project=msif-cli", "wandb.mode=offline",
                  f"wandb.dir={tmp_path}"]) == 0
     top = table(run_dir(tmp_path), "msif/top_k")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from reference import TinyNet, blobs, brute_force, train_two_stage
 from torch.utils.data import DataLoader
-from wandb_offline import run_dir, summary, table, wandb_env  # noqa: F401
+from wandb_offline import run_dir, summary, table
 
 from lightning_msif import MSIFError
 from lightning_msif.cli import main
@@ -214,7 +214,7 @@ def test_cli_evaluate(tmp_path, capsys):
     assert "lds.fraction=0.0: must lie strictly between 0 and 1" in capsys.readouterr().err
 
 
-def test_wandb_offline_run_holds_the_table_plots_and_summary(tmp_path, wandb_env):  # noqa: F811
+def test_wandb_offline_run_holds_the_table_plots_and_summary(tmp_path, wandb_env):
     import wandb
 
     run = wandb.init(project="msif-eval-test", mode="offline", dir=str(tmp_path))

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning_fixtures import TinyDataModule, TinyModule, trainer
 from safetensors.torch import load_file
-from wandb_offline import artifacts, media, run_dir, summary, table, wandb_env  # noqa: F401
+from wandb_offline import artifacts, media, run_dir, summary, table
 
 from lightning_msif import MultiStageInfluence, load_pretrained
 from lightning_msif.reports.attribution import TOPK_COLUMNS, Attribution
@@ -28,7 +28,7 @@ def _two_stages(d: Path, logger) -> MultiStageInfluence:
     return cb
 
 
-def test_wandb_offline_run_holds_tables_images_summary_and_artifact(tmp_path, wandb_env):  # noqa: F811
+def test_wandb_offline_run_holds_tables_images_summary_and_artifact(tmp_path, wandb_env):
     import wandb
 
     cb = _two_stages(tmp_path / "msif", WandbLogger(project="msif-test", mode="offline", save_dir=str(tmp_path)))
@@ -101,7 +101,7 @@ def test_no_logger_writes_only_local_files(tmp_path):
     assert cb.scores is not None
 
 
-def test_wandb_tables_are_split_below_the_row_cap(tmp_path, wandb_env):  # noqa: F811
+def test_wandb_tables_are_split_below_the_row_cap(tmp_path, wandb_env):
     import wandb
 
     scores = torch.randn(30, WANDB_MAX_ROWS // 10 + 5, dtype=torch.float64)  # 10 rows per query → over the cap

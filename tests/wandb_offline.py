@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
 
 @pytest.fixture
-def wandb_env(tmp_path, monkeypatch) -> Path:
+def wandb_env(tmp_path, monkeypatch) -> Iterator[Path]:
     """W&B offline, every directory it writes under the test's tmp dir."""
     root = tmp_path / "wandb_root"
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
@@ -17,7 +17,11 @@ def wandb_env(tmp_path, monkeypatch) -> Path:
         monkeypatch.setenv(var, str(root / var.lower()))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    return root
+    import wandb
+
+    wandb.finish()  # no run left open by an earlier test may swallow this test's logging
+    yield root
+    wandb.finish()
 
 
 def run_dir(root: Path) -> Path:
