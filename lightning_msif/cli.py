@@ -137,6 +137,7 @@ def run_report(cfg: Any) -> Dict[str, Any]:
     """Views from ``scores.safetensors`` and the snapshots, to local files and the configured loggers."""
     from pathlib import Path
 
+    from .reports.attribution import Attribution
     from .reports.metadata import build_attribution
     from .reports.render import ExampleViews
     from .reports.sinks import publish
@@ -144,12 +145,17 @@ def run_report(cfg: Any) -> Dict[str, Any]:
     from .snapshots import read_scores
 
     scores, manifest = read_scores(cfg.snapshot_dir)
-    run = from_snapshots(cfg.snapshot_dir)
-    inputs = run.inputs
-    attr = build_attribution(scores, inputs.pretrain_data, inputs.query_data, inputs.finetune_model,
-                             OmegaConf.to_container(manifest), run.pretrain_class_names, run.query_class_names)
-    views = ExampleViews(getattr(inputs.pretrain_data, "dataset", inputs.pretrain_data),
-                         getattr(inputs.query_data, "dataset", inputs.query_data))
+    try:
+        run = from_snapshots(cfg.snapshot_dir)
+    except MSIFError as err:  # the scores alone still make every table, without labels or pictures
+        print(f"msif report: examples not shown ({err})", file=sys.stderr)
+        attr, views = Attribution(scores, manifest=OmegaConf.to_container(manifest)), ExampleViews()
+    else:
+        inputs = run.inputs
+        attr = build_attribution(scores, inputs.pretrain_data, inputs.query_data, inputs.finetune_model,
+                                 OmegaConf.to_container(manifest), run.pretrain_class_names, run.query_class_names)
+        views = ExampleViews(getattr(inputs.pretrain_data, "dataset", inputs.pretrain_data),
+                             getattr(inputs.query_data, "dataset", inputs.query_data))
     loggers = _loggers(cfg)
     folder = Path(cfg.snapshot_dir)
     written = publish(attr, views, folder / "report", cfg.top_k, loggers,

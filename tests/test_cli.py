@@ -56,6 +56,21 @@ def test_report_to_wandb_offline(scored, tmp_path, wandb_env):
     assert len(top["data"]) == 5 * 2 * 2
 
 
+def test_report_without_rebuildable_examples_still_writes_the_tables(scored, tmp_path):
+    """A process that cannot import the modules (no PYTHONPATH) reports from the scores alone."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(scored, folder)
+    proc = subprocess.run([sys.executable, "-m", "lightning_msif", "report", f"snapshot_dir={folder}", "top_k=2"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    assert "examples not shown" in proc.stderr and "lightning_fixtures" in proc.stderr
+    assert (folder / "report" / "report.html").exists()
+    assert len((folder / "report" / "top_k.csv").read_text().splitlines()) == 1 + 5 * 2 * 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["score", "snapshot_dir=x", "bogus=1"], "unknown key 'bogus'"),
     (["score", "snapshot_dir=x", "mode=sideways"], "mode='sideways' is not allowed; choose one of ['fixed', 'updated']"),
