@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import QUERY_SPLITS, STAGES, InfluenceConfig, validate
+from .core.data import dataset_of
 from .core.influence import per_example_gradients
 from .core.objective import LossFn
 from .distributed import current_comm
@@ -202,7 +203,7 @@ class MultiStageInfluence(Callback):
             self.pretrain_data = dm.train_dataloader()
             self._pretrain_class_names = class_names_of(dm)
         if manifest.fingerprint is not None:
-            check_fingerprint(manifest.fingerprint, getattr(self.pretrain_data, "dataset", self.pretrain_data),
+            check_fingerprint(manifest.fingerprint, dataset_of(self.pretrain_data),
                               "pretraining data")
 
     # -- during training -------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class MultiStageInfluence(Callback):
 
     def _snapshot(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.is_global_zero:
-            dataset = getattr(_train_loader(trainer), "dataset", None)
+            dataset = dataset_of(_train_loader(trainer))
             query = self.query if isinstance(self.query, str) and self.stage == "finetune" else None
             write_stage(self.snapshot_dir, self.stage, pl_module, self.config.shared, data=trainer.datamodule,
                         train_dataset=dataset if hasattr(dataset, "__len__") else None,
@@ -291,8 +292,7 @@ class MultiStageInfluence(Callback):
         attr = build_attribution(self.scores, self.pretrain_data, query, pl_module, manifest,
                                  pretrain_class_names=self._pretrain_class_names,
                                  query_class_names=class_names_of(trainer.datamodule) if trainer.datamodule else None)
-        views = ExampleViews(getattr(self.pretrain_data, "dataset", self.pretrain_data),
-                             getattr(query, "dataset", query), self.render)
+        views = ExampleViews(self.pretrain_data, query, self.render)
         files = [self.snapshot_dir / "scores.safetensors", self.snapshot_dir / "scores.yaml"]
         written = publish(attr, views, self.snapshot_dir / "report", self.top_k, trainer.loggers, files, trainer.global_step)
         rank_zero_info(f"[msif] report: {written['html']}")

@@ -154,8 +154,7 @@ def run_report(cfg: Any) -> Dict[str, Any]:
         inputs = run.inputs
         attr = build_attribution(scores, inputs.pretrain_data, inputs.query_data, inputs.finetune_model,
                                  OmegaConf.to_container(manifest), run.pretrain_class_names, run.query_class_names)
-        views = ExampleViews(getattr(inputs.pretrain_data, "dataset", inputs.pretrain_data),
-                             getattr(inputs.query_data, "dataset", inputs.query_data))
+        views = ExampleViews(inputs.pretrain_data, inputs.query_data)
     loggers = _loggers(cfg)
     folder = Path(cfg.snapshot_dir)
     written = publish(attr, views, folder / "report", cfg.top_k, loggers,

@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import InfluenceConfig, influence_kwargs, validate
 from .core.comm import Communicator, LocalComm
+from .core.data import dataset_of
 from .core.influence import InfluenceResult, compute_multistage
 from .core.objective import LossFn, cross_entropy_loss
 from .core.params import split_shared
@@ -62,10 +63,6 @@ class ScoringInputs:
     query_fn: Optional[LossFn] = None
 
 
-def _dataset(data: Any) -> Any:
-    return getattr(data, "dataset", data)
-
-
 def _plain(value: Any) -> Any:
     """YAML-safe copy of the solver's convergence record."""
     if isinstance(value, dict):
@@ -84,7 +81,7 @@ def run_scoring(inputs: ScoringInputs, cfg: InfluenceConfig, snapshot_dir: PathL
     validate(cfg)
     comm = comm or LocalComm()
     kwargs = influence_kwargs(cfg)
-    prints = {name: fingerprint(_dataset(d)) if hasattr(_dataset(d), "__getitem__") else None
+    prints = {name: fingerprint(dataset_of(d)) if hasattr(dataset_of(d), "__getitem__") else None
               for name, d in (("pretrain", inputs.pretrain_data), ("finetune", inputs.finetune_data),
                               ("query", inputs.query_data))}
     key = settings_key([sorted(kwargs.items()), prints, sorted((identity or {}).items())])
@@ -177,7 +174,7 @@ def from_snapshots(snapshot_dir: PathLike, *, pretrain_data: Any = None, finetun
         pdm = _rebuild_data(pre_manifest, "pretrain")
         pretrain_data, names["pretrain"] = pdm.train_dataloader(), class_names_of(pdm)
     if pre_manifest.fingerprint is not None:
-        check_fingerprint(pre_manifest.fingerprint, _dataset(pretrain_data), "pretraining data")
+        check_fingerprint(pre_manifest.fingerprint, dataset_of(pretrain_data), "pretraining data")
     if finetune_data is None or query_data is None:
         dm = _rebuild_data(ft_manifest, "finetune")
         names["query"] = class_names_of(dm)

@@ -113,3 +113,16 @@ def test_wandb_tables_are_split_below_the_row_cap(tmp_path, wandb_env):
     parts = [table(folder, "msif/top_k_part1"), table(folder, "msif/top_k_part2")]
     assert len(parts[0]["data"]) == WANDB_MAX_ROWS
     assert len(parts[0]["data"]) + len(parts[1]["data"]) == scores.shape[1] * 10
+
+
+def test_examples_are_looked_up_in_the_scored_dataset_not_a_subsets_parent():
+    """A Subset's ``.dataset`` is its parent: rows must index the Subset itself."""
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    from lightning_msif.reports.metadata import labels_of
+
+    parent = TensorDataset(torch.zeros(6, 16), torch.arange(6))
+    subset = Subset(parent, [5, 3])
+    for data in (subset, DataLoader(subset, batch_size=2)):
+        assert labels_of(data).tolist() == [5, 3]
+        assert ExampleViews(data).datasets["pretrain"] is subset

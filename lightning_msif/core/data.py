@@ -95,6 +95,11 @@ class ExampleSource:
         return gen()
 
 
+def dataset_of(data: Any) -> Any:
+    """The dataset behind a DataLoader; anything else as it is (a ``Subset``'s ``.dataset`` is its parent)."""
+    return data.dataset if isinstance(data, DataLoader) else data
+
+
 def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Move tensors to ``device``; floating tensors also take the model's floating dtype."""
 

@@ -6,18 +6,14 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..core.data import ExampleSource, to_device
+from ..core.data import ExampleSource, dataset_of, to_device
 from ..core.objective import evaluation
 from .attribution import Attribution
 
 
-def _dataset(data: Any) -> Any:
-    return getattr(data, "dataset", data)
-
-
 def labels_of(data: Any) -> Optional[torch.Tensor]:
     """Integer labels of ``(x, y, ...)`` examples in dataset order, or None when examples carry none."""
-    dataset = _dataset(data)
+    dataset = dataset_of(data)
     tensors = getattr(dataset, "tensors", None)
     if tensors is not None and len(tensors) > 1 and not tensors[1].is_floating_point() and tensors[1].dim() == 1:
         return tensors[1].long()
@@ -54,7 +50,7 @@ def predictions_of(model: nn.Module, data: Any) -> Optional[torch.Tensor]:
 
 def class_names_of(holder: Any) -> Optional[Sequence[str]]:
     """``class_names`` of a datamodule or dataset, if it has them."""
-    for obj in (holder, _dataset(holder)):
+    for obj in (holder, dataset_of(holder)):
         names = getattr(obj, "class_names", None)
         if names is not None:
             return [str(n) for n in names]

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.data import dataset_of
+
 Rendered = Union[np.ndarray, str, None]
 Renderer = Callable[[Any], Rendered]
 """``example -> image array ([H, W] or [H, W, 3]) | text | None``; the default handles common cases."""
@@ -64,8 +66,8 @@ def png_bytes(array: np.ndarray, size: int = 112) -> bytes:
 class ExampleViews:
     """Rendered pretraining and query examples, by dataset index (cached: tables repeat examples)."""
 
-    def __init__(self, pretrain_dataset: Any = None, query_dataset: Any = None, render: Optional[Renderer] = None):
-        self.datasets = {"pretrain": pretrain_dataset, "query": query_dataset}
+    def __init__(self, pretrain_data: Any = None, query_data: Any = None, render: Optional[Renderer] = None):
+        self.datasets = {"pretrain": dataset_of(pretrain_data), "query": dataset_of(query_data)}
         self.render = render or default_render
         self._cache: dict = {}
 
