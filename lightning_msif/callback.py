@@ -30,7 +30,7 @@ from .errors import MSIFError
 from .reports.metadata import build_attribution, class_names_of
 from .reports.render import ExampleViews, Renderer
 from .reports.sinks import publish
-from .scoring_job import ScoringInputs, module_loss, run_scoring
+from .scoring_job import ScoringInputs, load_stage_module, module_loss, run_scoring
 from .snapshots import (
     PathLike, check_fingerprint, check_shared, read_manifest, read_scores, read_weights, rebuild, write_gradients,
     write_stage,
@@ -175,19 +175,7 @@ class MultiStageInfluence(Callback):
                 )
         if cfg.mode == "updated" and self.enforce_proximal:
             self._theta_hat = {n: weights[n].to(p.device, p.dtype) for n, p in shared.items()}
-        if self.pretrain_model is None:
-            if manifest.module is None:
-                raise MSIFError(
-                    "The pretraining snapshot cannot rebuild its module (it had no saved hyperparameters): call "
-                    "self.save_hyperparameters() in its __init__, or pass pretrain_model=... to this callback."
-                )
-            self.pretrain_model = rebuild(manifest.module, "pretraining module")
-        missing = self.pretrain_model.load_state_dict(weights, strict=False)
-        if missing.missing_keys or missing.unexpected_keys:
-            raise MSIFError(
-                f"The pretraining snapshot's weights do not fit the pretraining module: missing {missing.missing_keys[:5]}, "
-                f"unexpected {missing.unexpected_keys[:5]}. Pass the module class it was trained with."
-            )
+        self.pretrain_model = load_stage_module(manifest, weights, "pretrain", self.pretrain_model)
         if self.pretrain_data is None:
             if manifest.data is None:
                 raise MSIFError(

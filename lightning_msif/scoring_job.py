@@ -116,17 +116,26 @@ def run_scoring(inputs: ScoringInputs, cfg: InfluenceConfig, snapshot_dir: PathL
     return result
 
 
-def _rebuild_module(manifest: Any, weights: Dict[str, torch.Tensor], stage: str) -> nn.Module:
-    if manifest.module is None:
+def load_stage_module(manifest: Any, weights: Dict[str, torch.Tensor], stage: str,
+                      module: Optional[nn.Module] = None) -> nn.Module:
+    """``module`` (rebuilt from the snapshot's record when None) with the snapshot's weights and trainable set."""
+    if module is None:
+        if manifest.module is None:
+            raise MSIFError(
+                f"The {stage} snapshot cannot rebuild its module (no saved hyperparameters): call "
+                "self.save_hyperparameters() in the module's __init__ and re-run that stage, or pass the "
+                f"{stage} module explicitly (pretrain_model=... on the finetune callback)."
+            )
+        module = rebuild(manifest.module, f"{stage} module")
+    fit = module.load_state_dict(weights, strict=False)
+    if fit.missing_keys or fit.unexpected_keys:
         raise MSIFError(
-            f"The {stage} snapshot cannot rebuild its module (no saved hyperparameters): call "
-            "self.save_hyperparameters() in the module's __init__ and re-run that stage."
+            f"The {stage} snapshot's weights do not fit the {stage} module: missing {fit.missing_keys[:5]}, "
+            f"unexpected {fit.unexpected_keys[:5]}. Pass the module class it was trained with."
         )
-    module = rebuild(manifest.module, f"{stage} module")
-    module.load_state_dict(weights)
     trainable = set(manifest.trainable)
     for name, p in module.named_parameters():
-        p.requires_grad_(name in trainable)
+        p.requires_grad_(name in trainable)  # θ/U/W follow what was trained in that stage
     return module
 
 
@@ -167,8 +176,8 @@ def from_snapshots(snapshot_dir: PathLike, *, pretrain_data: Any = None, finetun
     """Modules and data of both stages, rebuilt from the snapshots' records unless given."""
     pre_manifest, pre_weights = read_weights(snapshot_dir, "pretrain")
     ft_manifest, ft_weights = read_weights(snapshot_dir, "finetune")
-    pre = _rebuild_module(pre_manifest, pre_weights, "pretrain")
-    fine = _rebuild_module(ft_manifest, ft_weights, "finetune")
+    pre = load_stage_module(pre_manifest, pre_weights, "pretrain")
+    fine = load_stage_module(ft_manifest, ft_weights, "finetune")
     names: Dict[str, Optional[List[str]]] = {"pretrain": None, "query": None}
     if pretrain_data is None:
         pdm = _rebuild_data(pre_manifest, "pretrain")
