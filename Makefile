@@ -9,12 +9,14 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# torch first, pinned, so pip never resolves a multi-GB CUDA build for the `torch>=2.3` range.
-$(STAMP): setup.cfg pyproject.toml
+# torch first, pinned, and everything after it under a constraints file that pins the same torch, so no
+# dependency (transformers, torchvision, ...) makes pip swap in a multi-GB CUDA build for `torch>=2.3`.
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[dev]"
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -9,11 +9,18 @@ from typing import Any, List
 from .version import __version__
 
 _EXPORTS = {
-    "MultiStageInfluence": ".callback",
-    "load_pretrained": ".callback",
-    "CallbackConfig": ".config",
-    "InfluenceConfig": ".config",
+    "MultiStageInfluence": ".callbacks",
+    "PretrainingSnapshot": ".callbacks",
+    "load_pretrained": ".callbacks",
+    "MultiStageInfluenceConfig": ".config",
+    "PretrainingSnapshotConfig": ".config",
     "register_configs": ".config",
+    "InfluenceArguments": ".core.arguments",
+    "ScoreArguments": ".core.arguments",
+    "register_curvature": ".core.curvature",
+    "Curvature": ".core.curvature",
+    "register_solver": ".core.solvers",
+    "Solver": ".core.solvers",
     "InfluenceResult": ".core.influence",
     "compute_multistage": ".core.influence",
     "compute_single_stage": ".core.influence",
@@ -21,7 +28,8 @@ _EXPORTS = {
     "per_example_gradients": ".core.influence",
     "single_stage_influence": ".core.influence",
     "MSIFError": ".errors",
-    "rescore": ".scoring_job",
+    "SnapshotDir": ".snapshots",
+    "rescore": ".rescoring",
     "evaluate": ".evaluation",
 }
 

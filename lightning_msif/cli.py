@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING as NO_DEFAULT, dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from .config import InfluenceConfig, validate
+from .core.arguments import InfluenceArguments, arguments_from, help_of, setting, settings_schema
 from .errors import MSIFError
 from .evaluation.config import EvaluationConfig
-from .scoring_job import last_config
 
 
 @dataclass
@@ -31,74 +30,59 @@ class WandbConfig:
     dir: Optional[str] = None  # where W&B keeps its files (default: ./wandb)
 
 
+WANDB_HELP = "wandb.project=NAME wandb.mode=online|offline|disabled wandb.id=RUN_ID wandb.name=... wandb.dir=..."
+THREADS_HELP = "torch intra-op threads (null: torch's default; small models run fastest on 1)"
+
+
 @dataclass
 class ReportCommand:
-    snapshot_dir: str = MISSING  # folder written by the callbacks (or `msif score`)
-    top_k: int = 10  # pretraining examples per query and side
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    snapshot_dir: str = setting(MISSING, "folder written by the callbacks (required)")
+    top_k: int = setting(10, "pretraining examples per query and side in the report")
+    wandb: WandbConfig = setting(WandbConfig, WANDB_HELP, factory=True)
 
 
-@dataclass
-class ScoreCommand(InfluenceConfig, ReportCommand):
-    report: bool = True  # rebuild the report after scoring
-    progress: bool = True
+ScoreCommand = settings_schema("ScoreCommand", [
+    ("snapshot_dir", str, setting(MISSING, "folder written by the callbacks (required)")),
+    ("top_k", int, setting(10, "pretraining examples per query and side in the report")),
+    ("wandb", WandbConfig, setting(WandbConfig, WANDB_HELP, factory=True)),
+    ("report", bool, setting(True, "rebuild the report after scoring (true | false)")),
+    ("progress", bool, setting(True, "progress bars (true | false)")),
+], doc="``msif score``: the report's settings, then InfluenceArguments' (defaults: the last run's).")
 
+EvaluateCommand = settings_schema("EvaluateCommand", [
+    ("recipe", str, setting("digits", "digits, or the import path of a recipe class/factory (lightning_msif.evaluation)")),
+    ("recipe_options", Dict[str, Any], setting(dict, "keyword arguments of the recipe, e.g. recipe_options.hidden=8",
+                                               factory=True)),
+    ("mode", Optional[str], setting(None, "fixed | updated, passed to the recipe when set")),
+    ("alpha", Optional[float], setting(None, "proximal strength α, passed to the recipe when set")),
+    ("threads", Optional[int], setting(1, THREADS_HELP)),
+    ("wandb", WandbConfig, setting(WandbConfig, WANDB_HELP, factory=True)),
+], base=EvaluationConfig, doc="``msif evaluate``: the recipe, then EvaluationConfig's settings.")
 
-@dataclass
-class EvaluateCommand(EvaluationConfig):
-    recipe: str = "digits"  # a built-in recipe, or the import path of a recipe class or factory
-    recipe_options: Dict[str, Any] = field(default_factory=dict)  # its keyword arguments
-    mode: Optional[str] = None  # passed to the recipe when set
-    alpha: Optional[float] = None  # passed to the recipe when set
-    threads: Optional[int] = 1  # torch intra-op threads (null: torch's default)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-
-HELP: Dict[str, str] = {
-    "snapshot_dir": "folder written by the callbacks (required)",
-    "top_k": "pretraining examples per query and side in the report",
-    "shared": "name prefix of the shared embedding θ",
-    "mode": "fixed | updated",
-    "alpha": "proximal strength α (mode=updated)",
-    "damping": "λ ≥ 0 added to every inverted Hessian",
-    "solver": "exact | cg | lissa",
-    "solver_options": "e.g. solver_options.tol=1e-6 solver_options.max_iter=200 solver_options.lissa_depth=2000",
-    "hessian_samples": "curvature from a random subset of this many examples (null: all)",
-    "chunk_size": "examples per vectorised gradient chunk (null: sized by memory)",
-    "scoring": "auto | grad | jvp",
-    "report": "rebuild the report after scoring (true | false)",
-    "progress": "progress bars (true | false)",
-    "wandb": "wandb.project=NAME wandb.mode=online|offline|disabled wandb.id=RUN_ID wandb.name=... wandb.dir=...",
-    "recipe": "digits, or the import path of a recipe class/factory (see lightning_msif.evaluation)",
-    "recipe_options": "keyword arguments of the recipe, e.g. recipe_options.hidden=8 recipe_options.queries=40",
-    "out_dir": "where evaluation.csv, evaluation.html, loo_scatter.png go",
-    "cache_dir": "retraining cache, reused by later evaluations (null: <out_dir>/retrains)",
-    "methods": "[multistage,single_stage,grad_dot,random] or a subset",
-    "loo": "leave-one-out: loo.examples=50 (0: none) loo.indices=[3,17] loo.seeds=[0]",
-    "lds": "linear datamodeling: lds.subsets=50 (0: none) lds.fraction=0.5 lds.seeds=[0,1,2]",
-    "warm_start": "retrain from the full-data models (true) or from the seed's initialisation (false)",
-    "seed": "seed of the scored models and of the random draws",
-    "threads": "torch threads per process: small models retrain fastest on 1 (null: torch's default)",
-}
 COMMANDS = {"score": ScoreCommand, "report": ReportCommand, "evaluate": EvaluateCommand}
 SUMMARY = {
     "score": "re-score from the saved snapshots without retraining (settings default to the last run's)",
     "report": "rebuild the tables, heatmap, histogram and report.html; log them to W&B if wandb.project is set",
     "evaluate": "retrain a small recipe many times: leave-one-out and LDS of the scores and baselines",
 }
-NESTED = ("wandb", "solver_options", "recipe_options", "loo", "lds")  # shown as "..." in the usage
+NESTED = ("wandb", "solver_options", "curvature_options", "recipe_options", "loo", "lds")  # "..." in the usage
 
 
 def usage() -> str:
+    """The help text, generated from the commands' fields and their help metadata."""
     lines = [f"usage: msif {{{','.join(COMMANDS)}}} key=value ...", "", "commands:"]
     lines += [f"  {name:<10}{text}" for name, text in SUMMARY.items()]
     for name, schema in COMMANDS.items():
         lines += ["", f"msif {name} options:"]
+        helps = help_of(schema)
         for f in fields(schema):
-            default = getattr(schema(), f.name) if f.name != "snapshot_dir" else "(required)"
             if f.name in NESTED:
-                default = "..."
-            lines.append(f"  {f.name:<16}{HELP.get(f.name, ''):<70} default: {default}")
+                default: Any = "..."
+            elif f.default is NO_DEFAULT:
+                default = f.default_factory()  # type: ignore[misc]
+            else:
+                default = "(required)" if f.default == MISSING else f.default
+            lines.append(f"  {f.name:<18}{helps.get(f.name, ''):<90} default: {default}")
     return "\n".join(lines)
 
 
@@ -119,7 +103,7 @@ def parse(command: str, overrides: Sequence[str], base: Optional[Dict[str, Any]]
     except OmegaConfBaseException as err:
         raise MSIFError(f"bad value for {err.full_key!r}: {str(err).splitlines()[0]}") from None
     if command == "score":
-        validate(cfg)
+        arguments_from(InfluenceArguments, OmegaConf.to_container(cfg, resolve=True))  # every value checked
     return cfg
 
 
@@ -135,41 +119,35 @@ def _loggers(cfg: Any) -> List[Any]:
 
 def run_report(cfg: Any) -> Dict[str, Any]:
     """Views from ``scores.safetensors`` and the snapshots, to local files and the configured loggers."""
-    from pathlib import Path
+    from .reports.publish import report_scores
+    from .resolve import from_snapshots
+    from .snapshots import SnapshotDir
 
-    from .reports.attribution import Attribution
-    from .reports.metadata import build_attribution
-    from .reports.render import ExampleViews
-    from .reports.sinks import publish
-    from .scoring_job import from_snapshots
-    from .snapshots import read_scores
-
-    scores, manifest = read_scores(cfg.snapshot_dir)
+    snapshots = SnapshotDir(cfg.snapshot_dir)
+    scores, record = snapshots.read_scores()
+    examples: Dict[str, Any] = {}
     try:
-        run = from_snapshots(cfg.snapshot_dir)
+        run = from_snapshots(snapshots)
     except MSIFError as err:  # the scores alone still make every table, without labels or pictures
         print(f"msif report: examples not shown ({err})", file=sys.stderr)
-        attr, views = Attribution(scores, manifest=OmegaConf.to_container(manifest)), ExampleViews()
     else:
-        inputs = run.inputs
-        attr = build_attribution(scores, inputs.pretrain_data, inputs.query_data, inputs.finetune_model,
-                                 OmegaConf.to_container(manifest), run.pretrain_class_names, run.query_class_names)
-        views = ExampleViews(inputs.pretrain_data, inputs.query_data)
+        examples = dict(pretrain_data=run.inputs.pretrain_data, query_data=run.inputs.query_data,
+                        finetune_model=run.inputs.finetune_model, pretrain_class_names=run.pretrain_class_names,
+                        query_class_names=run.query_class_names)
     loggers = _loggers(cfg)
-    folder = Path(cfg.snapshot_dir)
-    written = publish(attr, views, folder / "report", cfg.top_k, loggers,
-                      [folder / "scores.safetensors", folder / "scores.yaml"])
+    written = report_scores(scores, OmegaConf.to_container(record), snapshots.report_dir, top_k=cfg.top_k,
+                            loggers=loggers, artifact_files=snapshots.scores_files, **examples)
     for logger in loggers:
         logger.experiment.finish()
     return written
 
 
 def run_score(cfg: Any) -> None:
-    from .scoring_job import rescore
+    from .rescoring import rescore
 
-    influence = InfluenceConfig(**{f.name: OmegaConf.to_container(cfg)[f.name] for f in fields(InfluenceConfig)})
-    result = rescore(cfg.snapshot_dir, influence, progress=cfg.progress)
-    print(f"scores {tuple(result.scores.shape)} written to {cfg.snapshot_dir}/scores.safetensors")
+    arguments = arguments_from(InfluenceArguments, OmegaConf.to_container(cfg, resolve=True))
+    outcome = rescore(cfg.snapshot_dir, arguments, progress=cfg.progress)
+    print(f"scores {tuple(outcome.scores.shape)} written to {cfg.snapshot_dir}/scores.safetensors")
 
 
 def run_evaluate(cfg: Any) -> None:
@@ -221,7 +199,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_evaluate(cfg)
             return 0
         if command == "score":  # settings not given default to the last run's
-            cfg = parse(command, overrides, asdict(last_config(cfg.snapshot_dir)))
+            from .scoring_job import last_arguments
+            from .snapshots import SnapshotDir
+
+            last = last_arguments(SnapshotDir(cfg.snapshot_dir))
+            cfg = parse(command, overrides, {f.name: getattr(last, f.name) for f in fields(last)})
             run_score(cfg)
         if command == "report" or cfg.report:
             print(f"report: {run_report(cfg)['html']}")

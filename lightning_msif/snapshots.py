@@ -1,87 +1,32 @@
-"""What a stage leaves on disk, written atomically and verified on load.
+"""What the stages leave on disk (``SnapshotDir``), written atomically and verified on load.
 
-Layout under ``snapshot_dir``::
-
-    pretrain/manifest.yaml   pretrain/weights.safetensors   (the pretraining stage)
-    finetune/manifest.yaml   finetune/weights.safetensors   (the finetune stage)
-    work/<key>/*.safetensors                               (partial results of an unfinished scoring run)
-    scores.safetensors  scores.yaml                        (the score matrix and how it was computed)
-
-A manifest records the format version, library versions, the shared parameters' names and shapes,
-a hash of the weights, how to rebuild the module and the data (class path + hyperparameters), and
-a fingerprint of the training data, so a later stage can refuse a snapshot that does not fit.
+Also the records that rebuild a module or datamodule from a snapshot, and data fingerprints.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
 import json
-import os
 import platform
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .version import __version__
+from .atomic import PathLike, save_tensors, save_yaml, sha256_file
+from .core.params import shared_names
 from .errors import MSIFError
+from .version import __version__
 
 FORMAT_VERSION = 1
 STAGES = ("pretrain", "finetune")
-SCORES_FILE = "scores.safetensors"
-PathLike = Union[str, os.PathLike]
-
-
-# -- atomic files --------------------------------------------------------------------------------
-def _atomic(path: Path, write: Any) -> None:
-    """Run ``write(tmp_path)`` then rename over ``path``: readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
-    """Atomic safetensors write (tensors copied to contiguous CPU memory, ties broken)."""
-    data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(data, tmp, metadata=metadata))
-
-
-def save_bytes(path: Path, data: bytes) -> None:
-    """Atomic binary write."""
-    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def save_text(path: Path, text: str) -> None:
-    """Atomic text write."""
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def save_yaml(path: Path, cfg: Any) -> None:
-    save_text(path, OmegaConf.to_yaml(OmegaConf.create(cfg)))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- records: how to rebuild a module or a datamodule ---------------------------------------------
@@ -147,62 +92,8 @@ def versions() -> Dict[str, str]:
 
 
 def shared_shapes(module: nn.Module, shared: str) -> Dict[str, list]:
-    return {n: list(p.shape) for n, p in module.named_parameters() if n == shared or n.startswith(shared + ".")}
-
-
-def write_stage(snapshot_dir: PathLike, stage: str, module: nn.Module, shared: str,
-                data: Any = None, train_dataset: Any = None, extra: Optional[Dict[str, Any]] = None) -> Path:
-    """Weights and manifest of ``module`` for ``stage``; returns the stage folder."""
-    folder = Path(snapshot_dir) / stage
-    weights = folder / "weights.safetensors"
-    save_tensors(weights, dict(module.state_dict()), metadata={"format_version": str(FORMAT_VERSION)})
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "stage": stage,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
-        "shared": shared,
-        "shared_params": shared_shapes(module, shared),
-        "trainable": [n for n, p in module.named_parameters() if p.requires_grad],
-        "weights": {"file": weights.name, "sha256": sha256_file(weights)},
-        "module": class_record(module),
-        "data": class_record(data) if data is not None else None,
-        "fingerprint": fingerprint(train_dataset) if train_dataset is not None else None,
-        **(extra or {}),
-    }
-    save_yaml(folder / "manifest.yaml", manifest)
-    return folder
-
-
-def read_manifest(snapshot_dir: PathLike, stage: str) -> DictConfig:
-    """The stage's manifest, after checking it exists, is of this format version and is intact."""
-    folder = Path(snapshot_dir) / stage
-    path = folder / "manifest.yaml"
-    if not path.exists():
-        hint = (f"run the {stage} stage with MultiStageInfluence(stage={stage!r}, snapshot_dir=...) first, "
-                "or point snapshot_dir at the folder it wrote")
-        raise MSIFError(f"No {stage} snapshot in {folder}: {hint}.")
-    manifest = OmegaConf.load(path)
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        written = OmegaConf.select(manifest, "versions.lightning_msif", default="an unknown version")
-        raise MSIFError(
-            f"The {stage} snapshot in {folder} has format version {version} (written by lightning-msif "
-            f"{written}); this lightning-msif ({__version__}) reads format {FORMAT_VERSION}. Re-run that "
-            "stage with this version, or install the version that wrote it."
-        )
-    weights = folder / manifest.weights.file
-    if not weights.exists() or sha256_file(weights) != manifest.weights.sha256:
-        raise MSIFError(
-            f"The {stage} weights {weights} are missing or do not match the hash in its manifest (a partial "
-            "copy or a file from another run). Re-run that stage to write a consistent snapshot."
-        )
-    return manifest
-
-
-def read_weights(snapshot_dir: PathLike, stage: str) -> Tuple[DictConfig, Dict[str, torch.Tensor]]:
-    manifest = read_manifest(snapshot_dir, stage)
-    return manifest, load_file(str(Path(snapshot_dir) / stage / manifest.weights.file))
+    params = dict(module.named_parameters())
+    return {n: list(params[n].shape) for n in shared_names(params, shared)}
 
 
 def check_shared(manifest: DictConfig, module: nn.Module, shared: str) -> None:
@@ -223,34 +114,6 @@ def check_shared(manifest: DictConfig, module: nn.Module, shared: str) -> None:
             f"{missing[:5]}, unexpected {extra[:5]}, other shapes {shapes[:5]}. The finetune module must hold "
             "the same shared module as the pretraining one."
         )
-
-
-# -- stored per-example gradients of the pretraining set -------------------------------------------
-GRADIENTS_FILE = "gradients.safetensors"
-
-
-def write_gradients(snapshot_dir: PathLike, gradients: torch.Tensor, names: Iterable[str], weights_sha: str) -> Path:
-    """``pretrain/gradients.safetensors``: ``[n, dim]`` rows in dataset order, columns in ``names`` order.
-
-    ``projection`` is recorded (``none`` today) so compressed or projected stores can follow.
-    """
-    path = Path(snapshot_dir) / "pretrain" / GRADIENTS_FILE
-    meta = {"format_version": str(FORMAT_VERSION), "projection": "none", "names": json.dumps(list(names)),
-            "weights_sha256": weights_sha}
-    save_tensors(path, {"gradients": gradients}, metadata=meta)
-    return path
-
-
-def read_gradients(snapshot_dir: PathLike, weights_sha: str, names: Iterable[str]) -> Optional[torch.Tensor]:
-    """Stored pretraining gradients if they were taken on these weights, in this parameter order; else None."""
-    path = Path(snapshot_dir) / "pretrain" / GRADIENTS_FILE
-    if not path.exists():
-        return None
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        fits = (meta.get("projection") == "none" and meta.get("weights_sha256") == weights_sha
-                and json.loads(meta.get("names", "[]")) == list(names))
-        return fh.get_tensor("gradients") if fits else None
 
 
 # -- resumable partial results -----------------------------------------------------------------
@@ -284,25 +147,151 @@ def settings_key(parts: Iterable[Any]) -> str:
     return hashlib.sha256(repr(list(parts)).encode()).hexdigest()[:16]
 
 
-# -- the score matrix ---------------------------------------------------------------------------
-def write_scores(snapshot_dir: PathLike, scores: torch.Tensor, manifest: Dict[str, Any]) -> Path:
-    """``scores.safetensors`` (keys ``scores``, ``pretrain_indices``, ``query_indices``) and ``scores.yaml``."""
-    folder = Path(snapshot_dir)
-    text = OmegaConf.to_yaml(OmegaConf.create(manifest))
-    n, k = scores.shape
-    path = folder / SCORES_FILE
-    save_tensors(path, {"scores": scores, "pretrain_indices": torch.arange(n), "query_indices": torch.arange(k)},
-                 metadata={"manifest": text, "format_version": str(FORMAT_VERSION)})
-    save_yaml(folder / "scores.yaml", manifest)
-    return path
+# -- the folder ---------------------------------------------------------------------------------------
+class SnapshotDir:
+    """The files a two-stage run leaves under one folder: the only code that knows their names and format.
 
+    Layout::
 
-def read_scores(snapshot_dir: PathLike) -> Tuple[torch.Tensor, DictConfig]:
-    """The score matrix and its manifest."""
-    path = Path(snapshot_dir) / SCORES_FILE
-    if not path.exists():
-        raise MSIFError(
-            f"No {SCORES_FILE} in {snapshot_dir}: the finetune stage (or `msif score`) writes it after training."
-        )
-    manifest = OmegaConf.load(Path(snapshot_dir) / "scores.yaml")
-    return load_file(str(path))["scores"], manifest
+        pretrain/manifest.yaml  pretrain/weights.safetensors  [pretrain/gradients.safetensors]
+        finetune/manifest.yaml  finetune/weights.safetensors
+        work/<key>/*.safetensors     partial results of an unfinished scoring run
+        scores.safetensors  scores.yaml   the score matrix and how it was computed
+        report/                      CSV tables and report.html
+
+    A manifest records the format version, library versions, the shared parameters' names and shapes,
+    a hash of the weights, how to rebuild the module and the data (class path + hyperparameters), and
+    a fingerprint of the training data, so a later stage can refuse a snapshot that does not fit.
+    """
+
+    WEIGHTS = "weights.safetensors"
+    MANIFEST = "manifest.yaml"
+    GRADIENTS = "gradients.safetensors"
+    SCORES = "scores.safetensors"
+    SCORES_RECORD = "scores.yaml"
+
+    def __init__(self, root: PathLike):
+        self.root = Path(root)
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"SnapshotDir({str(self.root)!r})"
+
+    # -- paths -----------------------------------------------------------------------------------------
+    def weights_path(self, stage: str) -> Path:
+        return self.root / stage / self.WEIGHTS
+
+    @property
+    def scores_path(self) -> Path:
+        return self.root / self.SCORES
+
+    @property
+    def scores_files(self) -> List[Path]:
+        """What a W&B artifact of the scores holds."""
+        return [self.scores_path, self.root / self.SCORES_RECORD]
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    def work(self, key: str) -> FileStore:
+        """The partial-result store of the scoring run identified by ``key`` (``settings_key``)."""
+        return FileStore(self.root / "work" / key)
+
+    # -- stages ----------------------------------------------------------------------------------------
+    def write_stage(self, stage: str, module: nn.Module, shared: str, data: Any = None, train_dataset: Any = None,
+                    extra: Optional[Dict[str, Any]] = None) -> DictConfig:
+        """Weights and manifest of ``module`` for ``stage``; returns the manifest as written."""
+        weights = self.weights_path(stage)
+        save_tensors(weights, dict(module.state_dict()), metadata={"format_version": str(FORMAT_VERSION)})
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "stage": stage,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+            "shared": shared,
+            "shared_params": shared_shapes(module, shared),
+            "trainable": [n for n, p in module.named_parameters() if p.requires_grad],
+            "weights": {"file": weights.name, "sha256": sha256_file(weights)},
+            "module": class_record(module),
+            "data": class_record(data) if data is not None else None,
+            "fingerprint": fingerprint(train_dataset) if train_dataset is not None else None,
+            **(extra or {}),
+        }
+        save_yaml(self.root / stage / self.MANIFEST, manifest)
+        return OmegaConf.create(manifest)
+
+    def manifest(self, stage: str) -> DictConfig:
+        """The stage's manifest, after checking it exists, is of this format version and is intact."""
+        folder = self.root / stage
+        path = folder / self.MANIFEST
+        if not path.exists():
+            callback = {"pretrain": "PretrainingSnapshot", "finetune": "MultiStageInfluence"}.get(stage, "its callback")
+            hint = f"run the {stage} stage with {callback}(snapshot_dir=...) first, or point snapshot_dir at the folder it wrote"
+            raise MSIFError(f"No {stage} snapshot in {folder}: {hint}.")
+        manifest = OmegaConf.load(path)
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            written = OmegaConf.select(manifest, "versions.lightning_msif", default="an unknown version")
+            raise MSIFError(
+                f"The {stage} snapshot in {folder} has format version {version} (written by lightning-msif "
+                f"{written}); this lightning-msif ({__version__}) reads format {FORMAT_VERSION}. Re-run that "
+                "stage with this version, or install the version that wrote it."
+            )
+        weights = folder / manifest.weights.file
+        if not weights.exists() or sha256_file(weights) != manifest.weights.sha256:
+            raise MSIFError(
+                f"The {stage} weights {weights} are missing or do not match the hash in its manifest (a partial "
+                "copy or a file from another run). Re-run that stage to write a consistent snapshot."
+            )
+        return manifest
+
+    def load_stage(self, stage: str) -> Tuple[DictConfig, Dict[str, torch.Tensor]]:
+        """The verified manifest and the weights of ``stage``."""
+        manifest = self.manifest(stage)
+        return manifest, load_file(str(self.root / stage / manifest.weights.file))
+
+    # -- stored per-example gradients of the pretraining set -----------------------------------------------
+    def write_gradients(self, gradients: torch.Tensor, names: Iterable[str], weights_sha: str) -> Path:
+        """``[n, dim]`` rows in dataset order, columns in ``names`` order; ``projection`` recorded (``none``)."""
+        meta = {"format_version": str(FORMAT_VERSION), "projection": "none", "names": json.dumps(list(names)),
+                "weights_sha256": weights_sha}
+        return save_tensors(self.root / "pretrain" / self.GRADIENTS, {"gradients": gradients}, metadata=meta)
+
+    def read_gradients(self, weights_sha: str, names: Iterable[str]) -> Optional[torch.Tensor]:
+        """Stored pretraining gradients if they were taken on these weights, in this parameter order; else None."""
+        path = self.root / "pretrain" / self.GRADIENTS
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            fits = (meta.get("projection") == "none" and meta.get("weights_sha256") == weights_sha
+                    and json.loads(meta.get("names", "[]")) == list(names))
+            return fh.get_tensor("gradients") if fits else None
+
+    # -- the score matrix ------------------------------------------------------------------------------
+    def write_scores(self, scores: torch.Tensor, record: Dict[str, Any]) -> Path:
+        """``scores.safetensors`` (``scores``, ``pretrain_indices``, ``query_indices``) and ``scores.yaml``."""
+        text = OmegaConf.to_yaml(OmegaConf.create(record))
+        n, k = scores.shape
+        save_tensors(self.scores_path,
+                     {"scores": scores, "pretrain_indices": torch.arange(n), "query_indices": torch.arange(k)},
+                     metadata={"manifest": text, "format_version": str(FORMAT_VERSION)})
+        save_yaml(self.root / self.SCORES_RECORD, record)
+        return self.scores_path
+
+    def scores_record(self) -> Optional[DictConfig]:
+        """How the last scores were computed (``scores.yaml``), or None before any scoring run."""
+        path = self.root / self.SCORES_RECORD
+        return OmegaConf.load(path) if path.exists() else None
+
+    def read_scores(self) -> Tuple[torch.Tensor, DictConfig]:
+        """The score matrix and its record."""
+        record = self.scores_record()
+        if not self.scores_path.exists() or record is None:
+            raise MSIFError(
+                f"No {self.SCORES} in {self.root}: the finetune stage (or `msif score`) writes it after training."
+            )
+        return load_file(str(self.scores_path))["scores"], record

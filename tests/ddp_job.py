@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from lightning_fixtures import TinyDataModule, TinyModule, trainer  # noqa: E402
 
-from lightning_msif import MultiStageInfluence, load_pretrained  # noqa: E402
+from lightning_msif import MultiStageInfluence, PretrainingSnapshot, load_pretrained  # noqa: E402
 
 SETTINGS = {
     "fixed": dict(mode="fixed", damping=0.01, solver="exact"),
@@ -23,12 +23,12 @@ def main(out: Path, devices: int) -> None:
     run = dict(strategy="ddp" if devices > 1 else "auto", devices=devices, max_epochs=10)
     pre = TinyModule()
     # The updated-mode run also stores the pretraining gradients (gathered over ranks) and scores from them.
-    callbacks = [MultiStageInfluence(stage="pretrain", snapshot_dir=out / name, shared="backbone",
-                                     store_gradients=name == "updated", progress=False) for name in SETTINGS]
+    callbacks = [PretrainingSnapshot(out / name, shared="backbone", store_gradients=name == "updated", progress=False)
+                 for name in SETTINGS]
     trainer(callbacks=callbacks, **run).fit(pre, datamodule=TinyDataModule(n=13))
     for name, settings in SETTINGS.items():
         fine = load_pretrained(TinyModule(classes=2, freeze_backbone=name == "fixed", init_seed=1), out / name)
-        cb = MultiStageInfluence(stage="finetune", snapshot_dir=out / name, shared="backbone", progress=False,
+        cb = MultiStageInfluence(out / name, shared="backbone", progress=False,
                                  enforce_proximal=name == "updated", **settings)
         trainer(callbacks=[cb], **run).fit(fine, datamodule=TinyDataModule(n=11, n_val=7, classes=2, seed=5))
 

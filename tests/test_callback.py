@@ -11,8 +11,8 @@ from reference import rel_err
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_msif.core.objective as objective
-from lightning_msif import MSIFError, MultiStageInfluence, load_pretrained, multistage_influence, rescore
-from lightning_msif.snapshots import read_manifest
+from lightning_msif import (MSIFError, MultiStageInfluence, PretrainingSnapshot, SnapshotDir, load_pretrained,
+                            multistage_influence, rescore)
 
 UPDATED = dict(mode="updated", alpha=0.5, damping=0.01)
 FIXED = dict(mode="fixed", damping=0.01)
@@ -23,7 +23,7 @@ def pretrained(tmp_path_factory):
     """A pretraining run with its snapshot; returns (snapshot dir, module, datamodule)."""
     d = tmp_path_factory.mktemp("msif")
     dm, module = TinyDataModule(), TinyModule()
-    trainer(callbacks=[MultiStageInfluence(stage="pretrain", snapshot_dir=d)]).fit(module, datamodule=dm)
+    trainer(callbacks=[PretrainingSnapshot(d)]).fit(module, datamodule=dm)
     return d, module, dm
 
 
@@ -31,7 +31,7 @@ def _finetune(d: Path, settings: dict, **kwargs):
     fine = TinyModule(classes=2, freeze_backbone=settings["mode"] == "fixed", init_seed=1)
     load_pretrained(fine, d)
     dm = TinyDataModule(n=11, classes=2, seed=5)
-    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, progress=False, **settings, **kwargs)
+    cb = MultiStageInfluence(d, progress=False, **settings, **kwargs)
     trainer(callbacks=[cb]).fit(fine, datamodule=dm)
     return cb, fine, dm
 
@@ -49,7 +49,7 @@ def test_callback_scores_equal_functional_api(pretrained, settings):
 
 def test_snapshot_round_trip(pretrained):
     d, pre, pre_dm = pretrained
-    manifest = read_manifest(d, "pretrain")
+    manifest = SnapshotDir(d).manifest("pretrain")
     assert manifest.format_version == 1 and manifest.stage == "pretrain"
     assert dict(manifest.shared_params) == {"backbone.0.weight": [4, 3], "backbone.0.bias": [4]}
     assert manifest.module.class_path == "lightning_fixtures.TinyModule"
@@ -62,7 +62,7 @@ def test_snapshot_round_trip(pretrained):
 def test_enforce_proximal_adds_alpha_times_displacement(pretrained):
     d, pre, _ = pretrained
     fine = load_pretrained(TinyModule(classes=2, init_seed=1), d)
-    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, enforce_proximal=True, **UPDATED)
+    cb = MultiStageInfluence(d, enforce_proximal=True, **UPDATED)
     cb.setup(SimpleNamespace(strategy=trainer().strategy, local_rank=0), fine, "fit")
     w = fine.backbone[0].weight
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_resume_after_interruption(pretrained, monkeypatch):
 
 def test_state_dict_is_small_and_weights_only(pretrained, tmp_path):
     d, _, _ = pretrained
-    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d)
+    cb = MultiStageInfluence(d)
     torch.save(cb.state_dict(), tmp_path / "s.pt")
     assert torch.load(tmp_path / "s.pt", weights_only=True) == cb.state_dict()
 
@@ -112,7 +112,7 @@ def test_state_dict_is_small_and_weights_only(pretrained, tmp_path):
 # -- inconsistencies are refused in setup, before training ---------------------------------------------
 def _expect_setup_error(d, module, match, **kwargs):
     settings = {**FIXED, **kwargs}
-    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, progress=False, **settings)
+    cb = MultiStageInfluence(d, progress=False, **settings)
     before = [p.detach().clone() for p in module.parameters()]
     with pytest.raises(MSIFError, match=match):
         trainer(callbacks=[cb]).fit(module, datamodule=TinyDataModule(n=11, classes=2, seed=5))
@@ -168,7 +168,7 @@ def test_tampered_weights(pretrained, tmp_path):
 
 
 def test_unsupported_strategy(pretrained):
-    cb = MultiStageInfluence(stage="finetune", snapshot_dir=pretrained[0])
+    cb = MultiStageInfluence(pretrained[0])
     with pytest.raises(MSIFError, match="FSDPStrategy"):
         cb.setup(SimpleNamespace(strategy=FSDPStrategy()), TinyModule(classes=2), "fit")
 
@@ -186,28 +186,38 @@ def test_module_without_a_per_example_loss(pretrained):
     fine = load_pretrained(DictModule(classes=2, freeze_backbone=True), d)
     data = [{"x": torch.randn(3, dtype=torch.float64), "y": torch.tensor(i % 2)} for i in range(6)]
     loader = DataLoader(data, batch_size=3)
-    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, query=loader, progress=False, **FIXED)
+    cb = MultiStageInfluence(d, query=loader, progress=False, **FIXED)
     with pytest.raises(MSIFError, match=r"per_example_loss.*loss_fn.*\(x, y\)"):
         trainer(callbacks=[cb]).fit(fine, train_dataloaders=loader)
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(stage="middle"), "stage='middle'"),
-    (dict(stage="finetune", mode="updated"), "alpha"),
-    (dict(stage="finetune", solver="newton"), "solver='newton'"),
-    (dict(stage="finetune", query="train"), "query='train'"),
-    (dict(stage="finetune", damping=-1.0), "damping"),
-    (dict(stage="finetune", enforce_proximal=True), "enforce_proximal"),
-    (dict(stage="finetune", solver_options={"tolerance": 1}), "Unknown solver option"),
+    (dict(mode="updated"), "alpha"),
+    (dict(solver="newton"), "solver='newton'"),
+    (dict(query="train"), "query='train'"),
+    (dict(damping=-1.0), "damping"),
+    (dict(enforce_proximal=True), "enforce_proximal"),
+    (dict(solver_options={"tolerance": 1}), "Unknown solver option"),
+    (dict(stage="finetune"), r"unknown setting\(s\) \['stage'\]"),
 ])
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(MSIFError, match=match):
-        MultiStageInfluence(snapshot_dir=tmp_path, **kwargs)
+        MultiStageInfluence(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(shared="backbone."), "not a parameter-name prefix"),
+    (dict(snapshot_every_n_epochs=0), "snapshot_every_n_epochs=0"),
+    (dict(chunk_size=0), "chunk_size must be a positive integer"),
+])
+def test_bad_pretraining_arguments(tmp_path, kwargs, match):
+    with pytest.raises(MSIFError, match=match):
+        PretrainingSnapshot(tmp_path, **kwargs)
 
 
 def test_stored_pretraining_gradients_replace_the_scoring_pass(tmp_path, monkeypatch):
     dm, module = TinyDataModule(), TinyModule()
-    pre_cb = MultiStageInfluence(stage="pretrain", snapshot_dir=tmp_path, store_gradients=True, progress=False)
+    pre_cb = PretrainingSnapshot(tmp_path, store_gradients=True, progress=False)
     trainer(callbacks=[pre_cb]).fit(module, datamodule=dm)
     assert (tmp_path / "pretrain" / "gradients.safetensors").exists()
     cb, fine, ft_dm = _finetune(tmp_path, FIXED)
@@ -219,12 +229,12 @@ def test_stored_pretraining_gradients_replace_the_scoring_pass(tmp_path, monkeyp
 def test_periodic_pretraining_snapshots(tmp_path):
     seen = []
 
-    class Spy(MultiStageInfluence):
+    class Spy(PretrainingSnapshot):
         def _snapshot(self, trainer, pl_module):
             seen.append(trainer.current_epoch)
             super()._snapshot(trainer, pl_module)
 
-    cb = Spy(stage="pretrain", snapshot_dir=tmp_path, snapshot_every_n_epochs=5)
+    cb = Spy(tmp_path, snapshot_every_n_epochs=5)
     trainer(callbacks=[cb], max_epochs=10).fit(TinyModule(), datamodule=TinyDataModule())
     assert seen == [4, 9, 10]  # after epochs 5 and 10, then the final snapshot (current_epoch has moved on)
-    assert read_manifest(tmp_path, "pretrain").global_step == 40  # 10 epochs × 4 batches
+    assert SnapshotDir(tmp_path).manifest("pretrain").global_step == 40  # 10 epochs × 4 batches

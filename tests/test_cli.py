@@ -9,7 +9,7 @@ from lightning_fixtures import TinyDataModule, TinyModule, trainer
 from reference import rel_err
 from wandb_offline import run_dir, table
 
-from lightning_msif import MultiStageInfluence, load_pretrained
+from lightning_msif import MultiStageInfluence, PretrainingSnapshot, SnapshotDir, load_pretrained
 from lightning_msif.cli import main
 
 HERE = Path(__file__).parent
@@ -18,9 +18,9 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cli") / "msif"
-    trainer(callbacks=[MultiStageInfluence(stage="pretrain", snapshot_dir=d)]).fit(TinyModule(), datamodule=TinyDataModule())
+    trainer(callbacks=[PretrainingSnapshot(d)]).fit(TinyModule(), datamodule=TinyDataModule())
     fine = load_pretrained(TinyModule(classes=2, init_seed=1), d)
-    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, mode="updated", alpha=0.5, damping=0.5, solver="cg",
+    cb = MultiStageInfluence(d, mode="updated", alpha=0.5, damping=0.5, solver="cg",
                              solver_options={"tol": 1e-12}, progress=False, report=False)
     trainer(callbacks=[cb]).fit(fine, datamodule=TinyDataModule(n=11, classes=2, seed=5))
     return d
@@ -42,9 +42,7 @@ def test_score_from_snapshots_reproduces_the_callback(scored, capsys):
 
 def test_score_with_overrides(scored):
     assert main(["score", f"snapshot_dir={scored}", "solver=exact", "damping=0.5", "report=false", "progress=false"]) == 0
-    from lightning_msif.snapshots import read_scores
-
-    scores, manifest = read_scores(scored)
+    scores, manifest = SnapshotDir(scored).read_scores()
     assert manifest.solver == "exact" and manifest.mode == "updated"  # mode kept from the last run
     assert rel_err(scores, MultiStageInfluence.load_scores(scored)) == 0.0
 

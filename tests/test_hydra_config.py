@@ -7,7 +7,8 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 
-from lightning_msif import CallbackConfig, MSIFError, MultiStageInfluence, register_configs
+from lightning_msif import (MSIFError, MultiStageInfluence, MultiStageInfluenceConfig, PretrainingSnapshot,
+                            register_configs)
 
 CONF = Path(__file__).parents[1] / "examples" / "digits" / "conf"
 
@@ -22,10 +23,11 @@ def test_compose_and_instantiate_both_callbacks(tmp_path):
     cfg = _compose(tmp_path, "mode=updated", "alpha=0.3", "solver=lissa", "+callbacks.finetune.hessian_samples=100")
     pre = instantiate(cfg.callbacks.pretrain, _convert_="all")
     ft = instantiate(cfg.callbacks.finetune, enforce_proximal=True, _convert_="all")
-    assert isinstance(pre, MultiStageInfluence) and pre.stage == "pretrain"
-    assert ft.stage == "finetune" and ft.config.mode == "updated" and ft.config.alpha == 0.3
-    assert ft.config.solver == "lissa" and ft.config.hessian_samples == 100 and ft.enforce_proximal
-    assert ft.config.solver_options["tol"] == pytest.approx(1e-5) and ft.snapshot_dir == tmp_path
+    assert isinstance(pre, PretrainingSnapshot) and pre.shared == "backbone" and pre.snapshot_dir == tmp_path
+    assert isinstance(ft, MultiStageInfluence) and ft.arguments.mode == "updated" and ft.arguments.alpha == 0.3
+    assert ft.arguments.solver == "lissa" and ft.arguments.hessian_samples == 100 and ft.enforce_proximal
+    assert ft.arguments.solver_options["tol"] == pytest.approx(1e-5) and ft.snapshot_dir == tmp_path
+    assert ft.arguments.curvature_options["rhs_chunk_size"] == 128
 
 
 def test_schema_rejects_a_wrongly_typed_value(tmp_path):
@@ -41,7 +43,7 @@ def test_validation_names_the_key_and_allowed_values(tmp_path):
 
 
 def test_structured_config_defaults_build_a_callback(tmp_path):
-    cb = instantiate(CallbackConfig(stage="finetune", snapshot_dir=str(tmp_path), mode="updated", alpha=1.0))
-    assert isinstance(cb, MultiStageInfluence) and cb.config.alpha == 1.0
+    cb = instantiate(MultiStageInfluenceConfig(snapshot_dir=str(tmp_path), mode="updated", alpha=1.0))
+    assert isinstance(cb, MultiStageInfluence) and cb.arguments.alpha == 1.0
     with pytest.raises(MSIFError, match="alpha"):
-        MultiStageInfluence(stage="finetune", snapshot_dir=tmp_path, mode="updated")
+        MultiStageInfluence(tmp_path, mode="updated")

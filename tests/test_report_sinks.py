@@ -10,7 +10,7 @@ from lightning_fixtures import TinyDataModule, TinyModule, trainer
 from safetensors.torch import load_file
 from wandb_offline import artifacts, media, run_dir, summary, table
 
-from lightning_msif import MultiStageInfluence, load_pretrained
+from lightning_msif import MultiStageInfluence, PretrainingSnapshot, load_pretrained
 from lightning_msif.reports.attribution import TOPK_COLUMNS, Attribution
 from lightning_msif.reports.render import ExampleViews
 from lightning_msif.reports.sinks import WANDB_MAX_ROWS, log_wandb
@@ -20,10 +20,10 @@ IMAGES = dict(d=16)  # 16 inputs render as 4×4 images
 
 
 def _two_stages(d: Path, logger) -> MultiStageInfluence:
-    trainer(callbacks=[MultiStageInfluence(stage="pretrain", snapshot_dir=d)]).fit(
+    trainer(callbacks=[PretrainingSnapshot(d)]).fit(
         TinyModule(d_in=16), datamodule=TinyDataModule(**IMAGES))
     fine = load_pretrained(TinyModule(classes=2, freeze_backbone=True, init_seed=1, d_in=16), d)
-    cb = MultiStageInfluence(stage="finetune", snapshot_dir=d, damping=0.01, top_k=TOP_K, progress=False)
+    cb = MultiStageInfluence(d, damping=0.01, top_k=TOP_K, progress=False)
     trainer(callbacks=[cb], logger=logger).fit(fine, datamodule=TinyDataModule(n=11, classes=2, seed=5, **IMAGES))
     return cb
 

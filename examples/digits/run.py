@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from pathlib import Path
 from typing import Union
 
 import hydra
@@ -23,11 +22,11 @@ import wandb
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_msif import MultiStageInfluence, register_configs
+from lightning_msif import MultiStageInfluence, SnapshotDir, register_configs
 from lightning_msif.demo import DigitsClassifier, DigitsDataModule, DigitsDataset
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
-register_configs()  # the `msif/callback` schema the YAML's defaults list names
+register_configs()  # the `msif/pretrain` and `msif/finetune` schemas the YAML's defaults list names
 
 
 def make_logger(cfg: DictConfig, stage: str) -> Union[Logger, bool]:
@@ -52,7 +51,7 @@ def finish(logger: Union[Logger, bool]) -> None:
 
 
 def fit(cfg: DictConfig, stage: str, module: L.LightningModule, dm: L.LightningDataModule,
-        callback: MultiStageInfluence) -> float:
+        callback: L.Callback) -> float:
     """Train one stage on CPU; returns its wall time in seconds."""
     logger = make_logger(cfg, stage)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg[stage].max_epochs, logger=logger,
@@ -109,7 +108,7 @@ def main(cfg: DictConfig) -> None:
     pretrain_dm = DigitsDataModule(task="pretrain", **data)
     finetune_dm = DigitsDataModule(task="finetune", **{**data, "corrupt_fraction": 0.0})
     model = dict(cfg.model)
-    snapshots = Path(cfg.snapshot_dir)
+    snapshots = SnapshotDir(cfg.snapshot_dir)
 
     pretrain_model = DigitsClassifier(**model)
     pre = instantiate(cfg.callbacks.pretrain, _convert_="all")
@@ -117,14 +116,14 @@ def main(cfg: DictConfig) -> None:
 
     L.seed_everything(cfg.seed, workers=True)
     finetune_model = DigitsClassifier(**model, freeze_backbone=cfg.mode == "fixed",
-                                      pretrained=str(snapshots / "pretrain" / "weights.safetensors"))
+                                      pretrained=str(snapshots.weights_path("pretrain")))
     ft = instantiate(cfg.callbacks.finetune, enforce_proximal=cfg.mode == "updated", _convert_="all")
     t_ft = fit(cfg, "finetune", finetune_model, finetune_dm, ft)
 
     report(cfg, ft.scores, pretrain_dm.train_dataset, finetune_dm.dataset(cfg.query), finetune_model)
     phases = ", ".join(f"{name} {sec:.1f} s" for name, sec in ft.info.get("seconds", {}).items())
     print(f"\ntimings: pretrain {t_pre:.1f} s, finetune + influence {t_ft:.1f} s (influence: {phases})")
-    print(f"snapshots, scores and report in {snapshots}")
+    print(f"snapshots, scores and report in {snapshots.root}")
 
 
 if __name__ == "__main__":

@@ -116,3 +116,12 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
 def slice_batch(batch: Any, start: int, stop: int) -> Any:
     """Examples ``start:stop`` of a batch (tensors with a batch dimension are sliced)."""
     return tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
+
+
+def class_names_of(holder: Any) -> Optional[List[str]]:
+    """``class_names`` of a datamodule, loader or dataset, if it has them (for the reports)."""
+    for obj in (holder, dataset_of(holder)):
+        names = getattr(obj, "class_names", None)
+        if names is not None:
+            return [str(n) for n in names]
+    return None

@@ -8,27 +8,26 @@ Both compose the same three steps (docs/math.md, "How it is computed"):
 """
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import MSIFError
+from .arguments import InfluenceArguments, ScoreArguments
 from .comm import Communicator, LocalComm
-from .curvature import HessianOperator
+from .curvature import CURVATURES, Curvature
 from .data import ExampleSource
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
 from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_shared
 from .scoring import ScoreStore, cached, resolve_method, score_pass
-from .solvers import SOLVERS, SolverOptions, solve
-
-MODES = ("fixed", "updated")
-SCORING = ("auto", "grad", "jvp")
+from .solvers import SOLVERS, solve
 
 
 @dataclass
@@ -40,15 +39,13 @@ class InfluenceResult:
 
 
 @dataclass
-class _Settings:
-    damping: float
-    solver: str
-    options: SolverOptions
-    hessian_samples: Optional[int]
-    scoring: str
-    progress: bool
-    comm: Communicator
-    store: Optional[ScoreStore]
+class _Run:
+    """One computation: its arguments, process group, partial-result store, progress and record."""
+
+    args: ScoreArguments
+    progress: bool = False
+    comm: Communicator = field(default_factory=LocalComm)
+    store: Optional[ScoreStore] = None
     info: Dict[str, Any] = field(default_factory=dict)
 
     @contextmanager
@@ -62,24 +59,28 @@ class _Settings:
             return None
         return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)  # None: off when not a TTY
 
-    def hessian_indices(self, n: int) -> Sequence[int]:
-        if self.hessian_samples is None or self.hessian_samples >= n:
+    def curvature_indices(self, n: int) -> Sequence[int]:
+        """All examples, or the fixed random subset of ``hessian_samples``."""
+        k = self.args.hessian_samples
+        if k is None or k >= n:
             return range(n)
         g = torch.Generator().manual_seed(0)
-        return sorted(torch.randperm(n, generator=g)[: self.hessian_samples].tolist())
+        return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
-    def operator(self, obj: Objective, space: ParamSpace, shift: Optional[torch.Tensor] = None, damping: Optional[float] = None) -> HessianOperator:
-        return HessianOperator(
-            obj, space, self.hessian_indices(len(obj.source)),
-            damping=self.damping if damping is None else damping,
-            shift=shift, rhs_chunk=self.options.rhs_chunk_size,
-        )
+    def curvature(self, obj: Objective, space: ParamSpace, shift: Optional[torch.Tensor] = None,
+                  damping: Optional[float] = None) -> Curvature:
+        """The configured curvature of ``obj`` over ``space`` (damping λ unless given)."""
+        kind = CURVATURES.get(self.args.curvature)
+        return kind.build(obj, space, self.curvature_indices(len(obj.source)),
+                          damping=self.args.damping if damping is None else damping, shift=shift,
+                          options=self.args.curvature_config)
 
-    def solve(self, name: str, op: HessianOperator, rhs: torch.Tensor) -> torch.Tensor:
-        steps = {"cg": self.options.max_iter, "lissa": self.options.lissa_depth * self.options.lissa_repeats}
-        bar = self.bar(steps[self.solver], f"{name} solve ({self.solver})", "it") if self.solver in steps else None
+    def solve(self, name: str, op: Curvature, rhs: torch.Tensor) -> torch.Tensor:
+        solver, options = self.args.solver, self.args.solver_config
+        steps = SOLVERS.get(solver).steps(options)
+        bar = self.bar(steps, f"{name} solve ({solver})", "it") if steps else None
         with self.phase(name):
-            x, info = solve(op, rhs, self.solver, self.options, bar)
+            x, info = solve(op, rhs, solver, options, bar)
         if bar is not None:
             bar.close()
         self.info.setdefault("solves", {})[name] = info
@@ -95,43 +96,29 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def _settings(damping: float, solver: str, solver_options: Dict[str, Any], hessian_samples: Optional[int],
-              scoring: str, progress: bool, comm: Optional[Communicator], store: Optional[ScoreStore]) -> _Settings:
-    if not isinstance(damping, (int, float)) or not damping >= 0:
-        raise MSIFError(f"damping must be a number ≥ 0 (it is added to every inverted Hessian), got {damping!r}.")
-    if solver not in SOLVERS:
-        raise MSIFError(f"Unknown solver {solver!r}; choose one of {list(SOLVERS)}.")
-    if scoring not in SCORING:
-        raise MSIFError(f"Unknown scoring {scoring!r}; choose one of {list(SCORING)}.")
-    if hessian_samples is not None and int(hessian_samples) < 1:
-        raise MSIFError(f"hessian_samples must be a positive integer or None (all data), got {hessian_samples!r}.")
-    opts = SolverOptions.from_kwargs(solver_options)
-    return _Settings(float(damping), solver, opts, hessian_samples, scoring, progress, comm or LocalComm(), store)
-
-
-def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, st: _Settings) -> torch.Tensor:
-    """Step 3: one streaming pass over the training examples (resumable through ``st.store``)."""
-    method = resolve_method(st.scoring, s.shape[0])
-    st.info["scoring"] = method
-    bar = st.bar(len(obj.source), f"scoring {obj.role} examples")
-    with st.phase("score_pass"):
-        scores = score_pass(obj, space, s, method, st.store, bar)
+def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, run: _Run) -> torch.Tensor:
+    """Step 3: one streaming pass over the training examples (resumable through ``run.store``)."""
+    method = resolve_method(run.args.scoring, s.shape[0])
+    run.info["scoring"] = method
+    bar = run.bar(len(obj.source), f"scoring {obj.role} examples")
+    with run.phase("score_pass"):
+        scores = score_pass(obj, space, s, method, run.store, bar)
     if bar is not None:
         bar.close()
     return scores
 
 
-def _gradients(obj: Objective, space: ParamSpace, st: _Settings) -> torch.Tensor:
+def _gradients(obj: Objective, space: ParamSpace, run: _Run) -> torch.Tensor:
     """Per-example gradients of every example of ``obj`` (queries, or a stored pretraining set)."""
-    bar = st.bar(len(obj.source), f"{obj.role} gradients")
-    with st.phase(f"{obj.role}_gradients"):
+    bar = run.bar(len(obj.source), f"{obj.role} gradients")
+    with run.phase(f"{obj.role}_gradients"):
         g = obj.gradients(space, bar)
     if bar is not None:
         bar.close()
     return g
 
 
-def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.Tensor], st: _Settings,
+def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.Tensor], run: _Run,
                      gradients: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Steps 2 and 3: ``s = (H_pt + λI)⁻¹ rhs()``, then the scoring pass; ``s`` is reused on resume.
 
@@ -144,13 +131,13 @@ def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.T
             "Store them again, or leave them out."
         )
     like = torch.empty(0, device=pt.device, dtype=pt.dtype)
-    s = cached(st.store, st.comm, "solution", lambda: st.solve("pretrain", st.operator(pt, space), rhs()), like)
-    st.info["s_norm"] = s.norm(dim=1).tolist()
+    s = cached(run.store, run.comm, "solution", lambda: run.solve("pretrain", run.curvature(pt, space), rhs()), like)
+    run.info["s_norm"] = s.norm(dim=1).tolist()
     if gradients is not None:
-        st.info["scoring"] = "stored_gradients"
-        with st.phase("score_pass"):
+        run.info["scoring"] = "stored_gradients"
+        with run.phase("score_pass"):
             return -(gradients.to(s.device, s.dtype) @ s.T)
-    return _score_pass(pt, space, s, st)
+    return _score_pass(pt, space, s, run)
 
 
 def per_example_gradients(model: nn.Module, data: Any, *, shared: Optional[str] = None,
@@ -161,16 +148,86 @@ def per_example_gradients(model: nn.Module, data: Any, *, shared: Optional[str] 
     The order is the one ``multistage_influence`` uses for the pretraining model, so the result can
     stand in for its scoring pass (``pretrain_gradients=``).
     """
-    st = _settings(0.0, "exact", {}, None, "grad", progress, comm, None)
+    run = _Run(ScoreArguments(chunk_size=chunk_size), progress, comm or LocalComm())
     with evaluation(model):
-        obj = Objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "data"), "pretraining", st.comm, chunk_size)
+        obj = Objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "data"), "pretraining", run.comm,
+                        chunk_size)
         if shared is None:
             names = [n for n, p in model.named_parameters() if p.requires_grad]
         else:
             theta, rest = split_shared(model, shared, "pretraining")
             names = theta + rest
         space = ParamSpace.of(obj.params, names)
-        return _gradients(obj, space, st), names
+        return _gradients(obj, space, run), names
+
+
+def multistage_scores(
+    pretrain_model: nn.Module,
+    finetune_model: nn.Module,
+    pretrain_data: Any,
+    finetune_data: Any,
+    query_data: Any,
+    arguments: InfluenceArguments,
+    *,
+    pretrain_loss_fn: Optional[LossFn] = None,
+    finetune_loss_fn: Optional[LossFn] = None,
+    query_fn: Optional[LossFn] = None,
+    progress: bool = False,
+    comm: Optional[Communicator] = None,
+    store: Optional[ScoreStore] = None,
+    pretrain_gradients: Optional[torch.Tensor] = None,
+) -> InfluenceResult:
+    """Multi-stage influence for settings held in an ``InfluenceArguments`` (what the callback and CLI pass).
+
+    Losses default to cross-entropy on ``(x, y)`` batches; ``query_fn`` to the finetune loss.
+    """
+    args = arguments
+    run = _Run(args, progress, comm or LocalComm(), store)
+    mode, alpha = args.mode, args.effective_alpha
+    theta, u, w = check_same_shared(pretrain_model, finetune_model, args.shared)
+    if mode == "fixed":
+        check_fixed_backbone(pretrain_model, finetune_model, theta)
+    sources = [ExampleSource(d, name) for d, name in
+               ((pretrain_data, "pretrain_data"), (finetune_data, "finetune_data"), (query_data, "query_data"))]
+    pt_loss, ft_loss = pretrain_loss_fn or cross_entropy_loss, finetune_loss_fn or cross_entropy_loss
+    with evaluation(pretrain_model, finetune_model):
+        pt = Objective(pretrain_model, pt_loss, sources[0], "pretraining", run.comm, args.chunk_size)
+        ft = Objective(finetune_model, ft_loss, sources[1], "finetune", run.comm, args.chunk_size)
+        q = Objective(finetune_model, query_fn or ft_loss, sources[2], "query", run.comm, args.chunk_size)
+        ft_space, pt_space = ParamSpace.of(ft.params, theta + w), ParamSpace.of(pt.params, theta + u)
+        theta_dim = ParamSpace.of(pt.params, theta).dim
+        run.info.update(mode=mode, alpha=alpha, n_pretrain=len(sources[0]), n_finetune=len(sources[1]),
+                        n_query=len(sources[2]), dim_theta=theta_dim, dim_u=pt_space.dim - theta_dim,
+                        dim_w=ft_space.dim - theta_dim)
+
+        def finetune_side() -> torch.Tensor:
+            """Step 1: ``g_j`` for every query, padded with zeros on U."""
+            grads = _gradients(q, ft_space, run)  # [k, θ+W]
+            if mode == "fixed":
+                g = grads[:, :theta_dim]
+                if w:
+                    w_space = ParamSpace.of(ft.params, w)
+                    a = run.solve("finetune", run.curvature(ft, w_space), grads[:, theta_dim:])
+                    # H_θW a: the (θ, W) Hessian times [0; a], θ rows; no damping on an off-diagonal block.
+                    cross = run.curvature(ft, ft_space, damping=0.0).matmat(torch.cat([torch.zeros_like(g), a], 1))
+                    g = g - cross[:, :theta_dim]
+            else:
+                shift = torch.zeros(ft_space.dim, device=grads.device, dtype=grads.dtype)
+                shift[:theta_dim] = alpha
+                g = alpha * run.solve("finetune", run.curvature(ft, ft_space, shift=shift), grads)[:, :theta_dim]
+            return torch.cat([g, g.new_zeros(g.shape[0], pt_space.dim - theta_dim)], 1)
+
+        scores = _solve_and_score(pt, pt_space, finetune_side, run, pretrain_gradients)
+    run.info["peak_memory_mb"] = peak_memory_mb(pt.device)
+    return InfluenceResult(scores, run.info)
+
+
+def _options(solver_options: Optional[Mapping[str, Any]], curvature_options: Optional[Mapping[str, Any]],
+             flat: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The plug-ins' options from their dicts and from flat keywords (``tol=1e-6``), routed by name."""
+    solver_flat, curvature_flat = ScoreArguments.split_options(flat)
+    return {"solver_options": {**dict(solver_options or {}), **solver_flat},
+            "curvature_options": {**dict(curvature_options or {}), **curvature_flat}}
 
 
 def compute_multistage(
@@ -184,89 +241,54 @@ def compute_multistage(
     mode: str = "fixed",
     alpha: Optional[float] = None,
     damping: float = 0.0,
+    curvature: str = "hessian",
     solver: str = "exact",
+    solver_options: Optional[Mapping[str, Any]] = None,
+    curvature_options: Optional[Mapping[str, Any]] = None,
+    hessian_samples: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    scoring: str = "auto",
     loss_fn: Optional[LossFn] = None,
     pretrain_loss_fn: Optional[LossFn] = None,
     finetune_loss_fn: Optional[LossFn] = None,
     query_fn: Optional[LossFn] = None,
-    hessian_samples: Optional[int] = None,
-    chunk_size: Optional[int] = None,
-    scoring: str = "auto",
     progress: bool = False,
     comm: Optional[Communicator] = None,
     store: Optional[ScoreStore] = None,
     pretrain_gradients: Optional[torch.Tensor] = None,
-    **solver_options: Any,
+    **options: Any,
 ) -> InfluenceResult:
-    """``multistage_influence`` with the convergence and timing record kept (see its docstring)."""
-    if mode not in MODES:
-        raise MSIFError(f"Unknown mode {mode!r}; choose 'fixed' (embedding frozen while finetuning) or 'updated'.")
-    if mode == "updated" and (alpha is None or not isinstance(alpha, (int, float)) or not alpha > 0):
-        raise MSIFError(
-            f"mode='updated' needs alpha > 0, the strength of the proximal term α/2‖θ − θ̂‖² that ties the "
-            f"finetuned embedding to the pretrained one; got alpha={alpha!r}. Pass e.g. alpha=0.1."
-        )
-    if mode == "fixed" and alpha is not None:
-        warnings.warn(f"alpha={alpha} is ignored in mode='fixed' (it is the proximal strength of mode='updated').",
-                      stacklevel=2)
-    st = _settings(damping, solver, solver_options, hessian_samples, scoring, progress, comm, store)
-    loss = loss_fn or cross_entropy_loss
-    theta, u, w = check_same_shared(pretrain_model, finetune_model, shared)
-    if mode == "fixed":
-        check_fixed_backbone(pretrain_model, finetune_model, theta)
-    sources = [ExampleSource(d, name) for d, name in
-               ((pretrain_data, "pretrain_data"), (finetune_data, "finetune_data"), (query_data, "query_data"))]
-    with evaluation(pretrain_model, finetune_model):
-        pt = Objective(pretrain_model, pretrain_loss_fn or loss, sources[0], "pretraining", st.comm, chunk_size)
-        ft = Objective(finetune_model, finetune_loss_fn or loss, sources[1], "finetune", st.comm, chunk_size)
-        q = Objective(finetune_model, query_fn or finetune_loss_fn or loss, sources[2], "query", st.comm, chunk_size)
-        ft_space, pt_space = ParamSpace.of(ft.params, theta + w), ParamSpace.of(pt.params, theta + u)
-        theta_dim = ParamSpace.of(pt.params, theta).dim
-        st.info.update(mode=mode, alpha=alpha, n_pretrain=len(sources[0]), n_finetune=len(sources[1]),
-                       n_query=len(sources[2]), dim_theta=theta_dim, dim_u=pt_space.dim - theta_dim,
-                       dim_w=ft_space.dim - theta_dim)
-
-        def finetune_side() -> torch.Tensor:
-            """Step 1: ``g_j`` for every query, padded with zeros on U."""
-            grads = _gradients(q, ft_space, st)  # [k, θ+W]
-            if mode == "fixed":
-                g = grads[:, :theta_dim]
-                if w:
-                    w_space = ParamSpace.of(ft.params, w)
-                    a = st.solve("finetune", st.operator(ft, w_space), grads[:, theta_dim:])
-                    # H_θW a: the (θ, W) Hessian times [0; a], θ rows; no damping on an off-diagonal block.
-                    cross = st.operator(ft, ft_space, damping=0.0).matmat(torch.cat([torch.zeros_like(g), a], 1))
-                    g = g - cross[:, :theta_dim]
-            else:
-                shift = torch.zeros(ft_space.dim, device=grads.device, dtype=grads.dtype)
-                shift[:theta_dim] = alpha
-                g = alpha * st.solve("finetune", st.operator(ft, ft_space, shift=shift), grads)[:, :theta_dim]
-            return torch.cat([g, g.new_zeros(g.shape[0], pt_space.dim - theta_dim)], 1)
-
-        scores = _solve_and_score(pt, pt_space, finetune_side, st, pretrain_gradients)
-    st.info["peak_memory_mb"] = peak_memory_mb(pt.device)
-    return InfluenceResult(scores, st.info)
-
-
-def multistage_influence(pretrain_model: nn.Module, finetune_model: nn.Module, pretrain_data: Any,
-                         finetune_data: Any, query_data: Any, **kwargs: Any) -> torch.Tensor:
-    """Multi-stage influence ``S [n_pretrain, n_query]`` of each pretraining example on each query.
+    """Multi-stage influence ``S [n_pretrain, n_query]`` with its record (convergence, timings, sizes).
 
     ``S[i, j] = d f(q_j) / dε`` when pretraining example ``i`` is upweighted by ε and both stages are
     re-optimised: positive = harmful (raises the query loss), negative = helpful. Removing example
     ``i`` changes the query loss by about ``−S[i, j] / n``. Rows and columns are dataset indices.
 
-    Keywords: ``shared`` (prefix of θ, required), ``mode`` ('fixed' | 'updated'), ``alpha`` (updated
-    mode), ``damping`` λ ≥ 0, ``solver`` ('exact' | 'cg' | 'lissa') and its options (``tol``,
-    ``max_iter``, ``lissa_depth``, ``lissa_scale``, ``lissa_repeats``, ``lissa_batch_size``,
-    ``max_dense_params``, ``rhs_chunk_size``), ``loss_fn`` / ``pretrain_loss_fn`` /
-    ``finetune_loss_fn`` / ``query_fn`` ((model, batch) → per-example values [B]),
-    ``hessian_samples`` (curvature from a random subset), ``chunk_size`` (examples per vectorised
-    gradient chunk), ``scoring`` ('auto' | 'grad' | 'jvp'), ``progress``, ``comm`` (a process group,
-    see ``lightning_msif.distributed``), ``store`` (keeps partial results so a rerun resumes), ``pretrain_gradients``
-    (``[n, dim]`` from ``per_example_gradients``: replaces the scoring pass).
+    The settings are those of ``InfluenceArguments`` (``help(InfluenceArguments)``): ``shared`` (prefix of
+    θ), ``mode`` ('fixed' | 'updated'), ``alpha`` (updated mode), ``damping`` λ ≥ 0, ``curvature``,
+    ``solver``, ``hessian_samples``, ``chunk_size``, ``scoring``. A solver's or curvature's options go in
+    ``solver_options`` / ``curvature_options`` or as plain keywords (``tol=1e-6``, ``max_iter``,
+    ``lissa_depth``, ``lissa_scale``, ``lissa_repeats``, ``lissa_batch_size``, ``lissa_seed``,
+    ``max_dense_params``, ``rhs_chunk_size``). Losses ``(model, batch) → per-example values [B]``:
+    ``loss_fn`` for every stage, or ``pretrain_loss_fn`` / ``finetune_loss_fn`` / ``query_fn``. ``comm``: a
+    process group (``lightning_msif.distributed``); ``store``: keeps partial results so a rerun resumes;
+    ``pretrain_gradients``: ``[n, dim]`` from ``per_example_gradients``, replacing the scoring pass.
     """
-    return compute_multistage(pretrain_model, finetune_model, pretrain_data, finetune_data, query_data, **kwargs).scores
+    args = InfluenceArguments(shared=shared, mode=mode, alpha=alpha, damping=damping, curvature=curvature,
+                              solver=solver, hessian_samples=hessian_samples, chunk_size=chunk_size, scoring=scoring,
+                              **_options(solver_options, curvature_options, options))
+    if mode == "fixed" and alpha is not None:
+        warnings.warn(f"alpha={alpha} is ignored in mode='fixed' (it is the proximal strength of mode='updated').",
+                      stacklevel=2)
+    loss = loss_fn or cross_entropy_loss
+    return multistage_scores(pretrain_model, finetune_model, pretrain_data, finetune_data, query_data, args,
+                             pretrain_loss_fn=pretrain_loss_fn or loss, finetune_loss_fn=finetune_loss_fn or loss,
+                             query_fn=query_fn, progress=progress, comm=comm, store=store,
+                             pretrain_gradients=pretrain_gradients)
+
+
+def multistage_influence(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return compute_multistage(*args, **kwargs).scores
 
 
 def compute_single_stage(
@@ -275,37 +297,52 @@ def compute_single_stage(
     query_data: Any,
     *,
     damping: float = 0.0,
+    curvature: str = "hessian",
     solver: str = "exact",
-    loss_fn: Optional[LossFn] = None,
-    query_fn: Optional[LossFn] = None,
+    solver_options: Optional[Mapping[str, Any]] = None,
+    curvature_options: Optional[Mapping[str, Any]] = None,
     hessian_samples: Optional[int] = None,
     chunk_size: Optional[int] = None,
     scoring: str = "auto",
+    loss_fn: Optional[LossFn] = None,
+    query_fn: Optional[LossFn] = None,
     progress: bool = False,
     comm: Optional[Communicator] = None,
     store: Optional[ScoreStore] = None,
-    **solver_options: Any,
+    **options: Any,
 ) -> InfluenceResult:
-    """``single_stage_influence`` with the convergence and timing record kept."""
-    st = _settings(damping, solver, solver_options, hessian_samples, scoring, progress, comm, store)
+    """Koh & Liang influence ``S[i, j] = −∇f(q_j)ᵀ (H + λI)⁻¹ ∇ℓ(z_i)``, shape ``[n_train, n_query]``, with its record.
+
+    Same sign convention, settings (those of ``ScoreArguments``) and row/column order as ``compute_multistage``.
+    """
+    args = ScoreArguments(damping=damping, curvature=curvature, solver=solver, hessian_samples=hessian_samples,
+                          chunk_size=chunk_size, scoring=scoring, **_options(solver_options, curvature_options, options))
+    run = _Run(args, progress, comm or LocalComm(), store)
     loss = loss_fn or cross_entropy_loss
     train_src, query_src = ExampleSource(train_data, "train_data"), ExampleSource(query_data, "query_data")
     with evaluation(model):
-        train = Objective(model, loss, train_src, "training", st.comm, chunk_size)
-        q = Objective(model, query_fn or loss, query_src, "query", st.comm, chunk_size)
+        train = Objective(model, loss, train_src, "training", run.comm, args.chunk_size)
+        q = Objective(model, query_fn or loss, query_src, "query", run.comm, args.chunk_size)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not names:
             raise MSIFError("The model has no trainable parameter (requires_grad=True): nothing to differentiate.")
         space = ParamSpace.of(train.params, names)
-        st.info.update(mode="single", n_pretrain=len(train_src), n_query=len(query_src), dim=space.dim)
-        scores = _solve_and_score(train, space, lambda: _gradients(q, space, st), st)
-    st.info["peak_memory_mb"] = peak_memory_mb(train.device)
-    return InfluenceResult(scores, st.info)
+        run.info.update(mode="single", n_pretrain=len(train_src), n_query=len(query_src), dim=space.dim)
+        scores = _solve_and_score(train, space, lambda: _gradients(q, space, run), run)
+    run.info["peak_memory_mb"] = peak_memory_mb(train.device)
+    return InfluenceResult(scores, run.info)
 
 
-def single_stage_influence(model: nn.Module, train_data: Any, query_data: Any, **kwargs: Any) -> torch.Tensor:
-    """Koh & Liang influence ``S[i, j] = −∇f(q_j)ᵀ (H + λI)⁻¹ ∇ℓ(z_i)``, shape ``[n_train, n_query]``.
+def single_stage_influence(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return compute_single_stage(*args, **kwargs).scores
 
-    Same sign convention, keywords and row/column order as ``multistage_influence``.
-    """
-    return compute_single_stage(model, train_data, query_data, **kwargs).scores
+
+def _scores_only(wrapper: Callable[..., torch.Tensor], computed: Callable[..., InfluenceResult]) -> None:
+    """Give ``wrapper`` the signature and docs of ``computed`` (``help()`` and editors show every keyword)."""
+    wrapper.__signature__ = inspect.signature(computed).replace(return_annotation=torch.Tensor)  # type: ignore[attr-defined]
+    first, _, rest = (computed.__doc__ or "").partition("\n")
+    wrapper.__doc__ = first.replace(" with its record", "").replace(", with its record", "") + "\n" + rest
+
+
+_scores_only(multistage_influence, compute_multistage)
+_scores_only(single_stage_influence, compute_single_stage)

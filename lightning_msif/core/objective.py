@@ -237,3 +237,23 @@ class Objective:
             )
         return total
 
+
+
+def module_loss(module: nn.Module, loss_fn: Optional[LossFn] = None) -> LossFn:
+    """The per-example loss of a module: its ``per_example_loss(batch)``, else ``loss_fn``, else cross-entropy."""
+    if callable(getattr(module, "per_example_loss", None)):
+        return lambda m, batch: m.per_example_loss(batch)
+    if loss_fn is not None:
+        return loss_fn
+
+    def default(m: nn.Module, batch: Any) -> torch.Tensor:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise MSIFError(
+                f"{type(module).__name__} gives no per-example loss for batches of type {type(batch).__name__}. "
+                "Give one of: (1) a method `per_example_loss(self, batch) -> Tensor[B]` on the module; "
+                "(2) `loss_fn=lambda model, batch: ...` (per-example losses, shape [B]) to the callback; "
+                "(3) (x, y) batches, for the default cross-entropy of model(x) against y."
+            )
+        return cross_entropy_loss(m, batch)
+
+    return default

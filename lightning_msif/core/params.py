@@ -52,27 +52,20 @@ class ParamSpace:
         chunks = torch.split(flat, self.numels, dim=-1)
         return {n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes)}
 
-    def slice_of(self, names: Iterable[str]) -> slice:
-        """Flat coordinates of a contiguous run of ``names`` inside this space."""
-        names = list(names)
-        if not names:
-            return slice(0, 0)
-        offsets = [0]
-        for k in self.numels:
-            offsets.append(offsets[-1] + k)
-        first, last = self.names.index(names[0]), self.names.index(names[-1])
-        if list(self.names[first : last + 1]) != names:
-            raise AssertionError("slice_of needs a contiguous run of names")
-        return slice(offsets[first], offsets[last + 1])
-
 
 def detached_params(model: nn.Module) -> Params:
     """Every parameter of ``model``, detached (no autograd history, shares storage)."""
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def _under(name: str, prefix: str) -> bool:
+def under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` lies under the module prefix ``prefix`` (``backbone`` → ``backbone.*``)."""
     return name == prefix or name.startswith(prefix + ".")
+
+
+def shared_names(names: Iterable[str], prefix: str) -> List[str]:
+    """The names under ``prefix``, in the given order: the shared embedding θ."""
+    return [n for n in names if under(n, prefix)]
 
 
 def _top_level_prefixes(names: Iterable[str]) -> List[str]:
@@ -91,14 +84,14 @@ def split_shared(model: nn.Module, shared: str, role: str) -> Tuple[List[str], L
             "without a trailing dot, e.g. shared='backbone' for parameters 'backbone.*'."
         )
     named = list(model.named_parameters())
-    theta = [n for n, _ in named if _under(n, shared)]
+    theta = shared_names((n for n, _ in named), shared)
     if not theta:
         raise MSIFError(
             f"shared={shared!r} matches no parameter of the {role} model. Its top-level modules are "
             f"{_top_level_prefixes(n for n, _ in named)}: pass one of those (the prefix of the shared "
             "embedding, identical in both stages)."
         )
-    head = [n for n, p in named if not _under(n, shared) and p.requires_grad]
+    head = [n for n, p in named if not under(n, shared) and p.requires_grad]
     return theta, head
 
 

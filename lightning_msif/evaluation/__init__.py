@@ -12,7 +12,7 @@ _EXPORTS = {
     "EvaluationConfig": ".config",
     "LDSConfig": ".config",
     "LOOConfig": ".config",
-    "EvaluationResult": ".evaluate",
+    "EvaluationResult": ".result",
     "evaluate": ".evaluate",
     "RECIPES": ".recipe",
     "FunctionRecipe": ".recipe",

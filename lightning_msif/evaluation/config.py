@@ -1,8 +1,10 @@
-"""The settings of an evaluation (``evaluate`` and ``msif evaluate``): plain dataclasses, cheap to import."""
+"""The settings of an evaluation (``evaluate`` and ``msif evaluate``); how scores are computed comes from ``ScoreArguments``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
+
+from ..core.arguments import ScoreArguments, setting, settings_schema
 
 METHODS = ("multistage", "single_stage", "grad_dot", "random")
 
@@ -25,21 +27,25 @@ class LDSConfig:
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  # LDS is reported as mean ± std over these
 
 
-@dataclass
-class EvaluationConfig:
-    """What ``evaluate`` (and ``msif evaluate``) measures and how the scores are computed."""
-
-    out_dir: str = "msif-eval"  # evaluation.csv, evaluation.html, loo_scatter.png, evaluation.safetensors
-    cache_dir: Optional[str] = None  # retraining outcomes (default <out_dir>/retrains): reuse it across evaluations
-    methods: List[str] = field(default_factory=lambda: list(METHODS))
-    loo: LOOConfig = field(default_factory=LOOConfig)
-    lds: LDSConfig = field(default_factory=LDSConfig)
-    warm_start: bool = True  # retrain from the full-data models of the same seed (False: from the seed's init)
-    seed: int = 0  # seed of the scored models; draws of removed examples and subsets; random scores
-    damping: Optional[float] = None  # influence damping λ (null: the recipe's L2 penalty)
-    solver: str = "cg"  # exact | cg | lissa
-    solver_options: Dict[str, Any] = field(default_factory=dict)
-    hessian_samples: Optional[int] = None
-    chunk_size: Optional[int] = None
-    scoring: str = "auto"
-    progress: bool = True
+EvaluationConfig = settings_schema(
+    "EvaluationConfig",
+    [
+        ("out_dir", str, setting("msif-eval", "where evaluation.csv, evaluation.html, loo_scatter.png go")),
+        ("cache_dir", Optional[str], setting(None, "retraining cache, reused by later evaluations (null: "
+                                                   "<out_dir>/retrains)")),
+        ("methods", List[str], setting(lambda: list(METHODS), "[multistage,single_stage,grad_dot,random] or a subset",
+                                       factory=True)),
+        ("loo", LOOConfig, setting(LOOConfig, "leave-one-out: loo.examples=50 (0: none) loo.indices=[3,17] "
+                                              "loo.seeds=[0]", factory=True)),
+        ("lds", LDSConfig, setting(LDSConfig, "linear datamodeling: lds.subsets=50 (0: none) lds.fraction=0.5 "
+                                              "lds.seeds=[0,1,2]", factory=True)),
+        ("warm_start", bool, setting(True, "retrain from the full-data models (true) or from the seed's "
+                                           "initialisation (false)")),
+        ("seed", int, setting(0, "seed of the scored models, of the removed examples and subsets, of random scores")),
+        ("progress", bool, setting(True, "progress bars on rank 0")),
+    ],
+    base=ScoreArguments,
+    defaults={"solver": (str, "cg"), "damping": (Optional[float], None)},
+    doc="What ``evaluate`` (and ``msif evaluate``) measures, then how the scores are computed (ScoreArguments' "
+        "fields; damping null: the recipe's L2 penalty).",
+)

@@ -10,66 +10,24 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ..config import InfluenceConfig, influence_kwargs, validate
+from ..core.arguments import InfluenceArguments, ScoreArguments, arguments_from
 from ..core.comm import Communicator
-from ..core.influence import compute_multistage
+from ..core.influence import multistage_scores
 from ..distributed import current_comm
 from ..errors import MSIFError
 from .baselines import grad_dot_scores, random_scores, single_stage_scores
 from .config import METHODS, EvaluationConfig, LDSConfig, LOOConfig
 from .metrics import lds, loo_correlations
 from .recipe import TwoStageRecipe, build_recipe
+from .report import log_wandb, write_outputs
+from .result import EvaluationResult
 from .retrain import Retrainer, Run, recipe_loss
-
-COLUMNS = ("method", "loo_pearson", "loo_spearman", "lds_mean", "lds_std", "score_seconds")
-
-
-@dataclass
-class EvaluationResult:
-    """The table (one row per method, ``COLUMNS``) and everything it was computed from.
-
-    ``loo_actual[e, j]``: measured change of query ``j``'s loss when ``loo_indices[e]`` is removed (mean
-    over seeds); ``lds_losses[s, m, j]``: query ``j``'s loss after training on subset ``lds_masks[m]`` with
-    ``lds.seeds[s]``. ``retrained`` / ``reused``: runs trained now / found in the cache.
-    """
-
-    rows: List[Dict[str, Any]]
-    scores: Dict[str, torch.Tensor]
-    loo_indices: torch.Tensor
-    loo_actual: torch.Tensor
-    lds_masks: torch.Tensor
-    lds_losses: torch.Tensor
-    lds_per_seed: Dict[str, List[float]]
-    settings: Dict[str, Any]
-    retrained: int
-    reused: int
-    files: Dict[str, Any] = field(default_factory=dict)
-
-    def predicted(self, method: str) -> torch.Tensor:
-        """``[examples, queries]``: the loss changes ``method`` predicts for the leave-one-out removals."""
-        return -self.scores[method][self.loo_indices] / self.settings["n_pretrain"]
-
-    def table(self) -> str:
-        """The rows as aligned text."""
-        lines = [f"{'method':<14}{'LOO pearson':>13}{'LOO spearman':>14}{'LDS (mean ± std)':>20}{'score s':>10}"]
-        for r in self.rows:
-            lds_text = f"{_signed(r['lds_mean'])} ± {_signed(r['lds_std']).lstrip('+')}"
-            lines.append(f"{r['method']:<14}{_signed(r['loo_pearson']):>13}{_signed(r['loo_spearman']):>14}{lds_text:>20}"
-                         f"{r['score_seconds']:>10.2f}")
-        return "\n".join(lines)
-
-
-def _signed(v: Optional[float]) -> str:
-    return "—" if v is None or math.isnan(v) else f"{v:+.3f}"
-
 
 def _config(config: Optional[EvaluationConfig], settings: Dict[str, Any]) -> EvaluationConfig:
     cfg = config or EvaluationConfig()
@@ -130,8 +88,8 @@ def _lds_masks(cfg: LDSConfig, n: int, seed: int) -> torch.Tensor:
     return masks
 
 
-def _method_scores(method: str, recipe: TwoStageRecipe, retrainer: Retrainer, cfg: EvaluationConfig,
-                   influence: Dict[str, Any], comm: Communicator) -> torch.Tensor:
+def _method_scores(method: str, recipe: TwoStageRecipe, retrainer: Retrainer, cfg: Any,
+                   args: InfluenceArguments, comm: Communicator) -> torch.Tensor:
     n, k = len(recipe.pretrain_data), len(recipe.query_data)
     if method == "random":
         return random_scores(n, k, cfg.seed)
@@ -139,14 +97,14 @@ def _method_scores(method: str, recipe: TwoStageRecipe, retrainer: Retrainer, cf
     pt_loss, q_loss = recipe_loss(recipe, "pretrain", pre), recipe_loss(recipe, "finetune", fine)
     if method == "grad_dot":
         return grad_dot_scores(pre, fine, recipe.pretrain_data, recipe.query_data, recipe.shared, pt_loss, q_loss, comm,
-                               influence["chunk_size"])
-    common = dict(comm=comm, progress=cfg.progress)
+                               args.chunk_size)
     if method == "single_stage":
-        single = {key: v for key, v in influence.items() if key not in ("shared", "mode", "alpha")}
-        return single_stage_scores(fine, recipe.pretrain_data, recipe.query_data, pt_loss, q_loss, {**single, **common})
-    return compute_multistage(pre, fine, recipe.pretrain_data, recipe.finetune_data, recipe.query_data,
-                              pretrain_loss_fn=pt_loss, finetune_loss_fn=q_loss, query_fn=q_loss, **common,
-                              **influence).scores
+        single = {f.name: getattr(args, f.name) for f in dataclasses.fields(ScoreArguments)}
+        return single_stage_scores(fine, recipe.pretrain_data, recipe.query_data, pt_loss, q_loss,
+                                   {**single, "comm": comm, "progress": cfg.progress})
+    return multistage_scores(pre, fine, recipe.pretrain_data, recipe.finetune_data, recipe.query_data, args,
+                             pretrain_loss_fn=pt_loss, finetune_loss_fn=q_loss, query_fn=q_loss, comm=comm,
+                             progress=cfg.progress).scores
 
 
 def _measure(retrainer: Retrainer, loo_idx: torch.Tensor, masks: torch.Tensor, loo_seeds: List[int],
@@ -194,10 +152,8 @@ def evaluate(recipe: Union[TwoStageRecipe, str, Mapping[str, Any]], config: Opti
     n, k = len(recipe.pretrain_data), len(recipe.query_data)
     _check(cfg, n, extra, k)
     damping = recipe.damping if cfg.damping is None else cfg.damping
-    icfg = InfluenceConfig(shared=recipe.shared, mode=recipe.mode, alpha=recipe.alpha, damping=damping,
-                           solver=cfg.solver, solver_options=dict(cfg.solver_options),
-                           hessian_samples=cfg.hessian_samples, chunk_size=cfg.chunk_size, scoring=cfg.scoring)
-    validate(icfg)
+    args = arguments_from(InfluenceArguments, cfg, shared=recipe.shared, mode=recipe.mode, alpha=recipe.alpha,
+                          damping=damping)
     comm = comm or current_comm()
     retrainer = Retrainer(recipe, cfg.cache_dir or Path(cfg.out_dir) / "retrains", cfg.warm_start, comm, cfg.progress)
     if set(cfg.methods) - {"random"}:
@@ -205,7 +161,7 @@ def evaluate(recipe: Union[TwoStageRecipe, str, Mapping[str, Any]], config: Opti
     scores, seconds = {}, {}
     for method in cfg.methods:
         start = time.perf_counter()
-        scores[method] = _method_scores(method, recipe, retrainer, cfg, influence_kwargs(icfg), comm).double().cpu()
+        scores[method] = _method_scores(method, recipe, retrainer, cfg, args, comm).double().cpu()
         seconds[method] = time.perf_counter() - start
     scores.update(extra)
 
@@ -225,8 +181,6 @@ def evaluate(recipe: Union[TwoStageRecipe, str, Mapping[str, Any]], config: Opti
     result = EvaluationResult(rows, scores, loo_idx, loo_actual, masks, lds_losses, per_seed, summary,
                               retrainer.trained, retrainer.reused)
     if comm.rank == 0:
-        from .report import log_wandb, write_outputs
-
         result.files = write_outputs(result, Path(cfg.out_dir))
         if wandb is not None:
             log_wandb(wandb, result)

@@ -20,8 +20,8 @@ from matplotlib.figure import Figure
 
 from ..reports import figures
 from ..reports.sinks import csv_text
-from ..snapshots import save_bytes, save_tensors, save_text
-from .evaluate import COLUMNS, EvaluationResult
+from ..atomic import save_bytes, save_tensors, save_text
+from .result import COLUMNS, EvaluationResult
 
 HOW_TO_READ = ("Leave-one-out: each point is one (removed pretraining example, query) pair; x is the loss change the "
                "scores predict, −S/n, y the change measured by retraining both stages without the example. LDS: for "

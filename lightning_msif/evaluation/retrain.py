@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from ..core.comm import Communicator, LocalComm
 from ..core.data import ExampleSource, to_device
-from ..core.objective import LossFn, evaluation
+
 from ..errors import MSIFError
-from ..scoring_job import module_loss
-from ..snapshots import FileStore, PathLike, fingerprint, settings_key
+from ..core.objective import LossFn, evaluation, module_loss
+from ..atomic import PathLike
+from ..snapshots import FileStore, fingerprint, settings_key
 from .recipe import Models, TwoStageRecipe, check_models
 
 

@@ -7,7 +7,7 @@ the query's loss), a negative one *helpful*; removing example ``i`` changes the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -122,7 +122,3 @@ class Attribution:
         if "peak_memory_mb" in info:
             out["peak_memory_mb"] = info["peak_memory_mb"]
         return out
-
-
-Renderer = Callable[[Any], Any]
-"""``example -> image array [H, W] / [H, W, 3] (float in [0, 1] or uint8), or a string, or None``."""

@@ -10,14 +10,14 @@ import base64
 import dataclasses
 import html
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ..atomic import PathLike, save_text
 from .attribution import SIGN_SENTENCE, Attribution
 from .render import ExampleViews, png_bytes
 
@@ -331,18 +331,9 @@ def _page(att: Attribution, views: ExampleViews, top_k: int, title: str, max_que
     ])
 
 
-def write_html(path: Union[str, os.PathLike], attribution: Attribution, views: ExampleViews, top_k: int,
+def write_html(path: PathLike, attribution: Attribution, views: ExampleViews, top_k: int,
                title: str = "Multi-stage influence report", max_queries: int = 50) -> Path:
-    """Write the report of ``attribution`` to ``path`` atomically (temp file + rename) and return the path."""
+    """Write the report of ``attribution`` to ``path`` atomically (temp file, fsync, rename) and return the path."""
     if top_k < 1 or max_queries < 0:
         raise ValueError(f"top_k must be ≥ 1 and max_queries ≥ 0, got top_k={top_k}, max_queries={max_queries}.")
-    path = Path(path)
-    page = _page(attribution, views, top_k, title, max_queries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_text(path, _page(attribution, views, top_k, title, max_queries))

@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..core.data import ExampleSource, dataset_of, to_device
+from ..core.data import ExampleSource, class_names_of, dataset_of, to_device  # class_names_of: re-exported
 from ..core.objective import evaluation
 from .attribution import Attribution
 
@@ -46,15 +46,6 @@ def predictions_of(model: nn.Module, data: Any) -> Optional[torch.Tensor]:
                 return None
             out.append(logits.argmax(-1).cpu())
     return torch.cat(out)
-
-
-def class_names_of(holder: Any) -> Optional[Sequence[str]]:
-    """``class_names`` of a datamodule or dataset, if it has them."""
-    for obj in (holder, dataset_of(holder)):
-        names = getattr(obj, "class_names", None)
-        if names is not None:
-            return [str(n) for n in names]
-    return None
 
 
 def build_attribution(scores: torch.Tensor, pretrain_data: Any, query_data: Any, finetune_model: Optional[nn.Module] = None,

@@ -1,17 +1,21 @@
-"""Where the views go: always local files; W&B, TensorBoard and CSV loggers when the trainer has them.
+"""Where the views go: always local files; then each logger of the trainer that has a registered sink.
 
-Called on global rank 0 only (never through ``self.log``, which end-of-fit hooks may not use).
+Sinks are looked up by logger type along its MRO, so subclasses of a registered logger match too; the
+built-in ones (lightning's W&B, TensorBoard and CSV loggers) are registered on first use, which keeps this
+module free of a lightning import. Called on global rank 0 only (never through ``self.log``, which
+end-of-fit hooks may not use).
 """
 from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, overload
 
 import numpy as np
 
-from ..snapshots import PathLike, save_text
+from ..atomic import PathLike, save_text
 from . import figures
 from .attribution import SIGN_SENTENCE, TOPK_COLUMNS, Attribution
 from .render import ExampleViews
@@ -128,24 +132,105 @@ def log_tensorboard(writer: Any, attr: Attribution, top_k: int, step: int = 0, p
     writer.flush()
 
 
-# -- dispatch ---------------------------------------------------------------------------------------
-def publish(attr: Attribution, views: ExampleViews, out_dir: PathLike, top_k: int, loggers: Iterable[Any] = (),
-            artifact_files: Iterable[Path] = (), step: int = 0) -> Dict[str, Any]:
-    """Write the local files (CSV tables, report.html) and log to each known logger; returns where things went."""
+# -- registry ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReportContext:
+    """Everything a sink may log: the views, how many rows per query and side, the step, files to attach."""
+
+    attr: Attribution
+    views: ExampleViews
+    top_k: int
+    step: int
+    artifact_files: Tuple[Path, ...]  # scores and manifest, to upload where the logger keeps files
+    html: Path  # the local report.html, already written
+
+
+Sink = Callable[[Any, ReportContext], Optional[Tuple[str, Any]]]
+"""``sink(logger, report) -> (key, value) for publish's result, or None``."""
+
+_SINKS: Dict[type, Sink] = {}
+_builtins_registered = False
+
+
+@overload
+def register_sink(logger_type: type) -> Callable[[Sink], Sink]:
+    ...
+
+
+@overload
+def register_sink(logger_type: type, sink: Sink) -> Sink:
+    ...
+
+
+def register_sink(logger_type: type, sink: Optional[Sink] = None) -> Any:
+    """Send reports to loggers of ``logger_type`` (and its subclasses) through ``sink``; also a decorator.
+
+    A later registration for the same type replaces the earlier one, built-in sinks included.
+    """
+    if not isinstance(logger_type, type):
+        raise TypeError(f"register_sink needs a logger class, got {logger_type!r}.")
+    if sink is None:
+        return lambda fn: register_sink(logger_type, fn)
+    _SINKS[logger_type] = sink
+    return sink
+
+
+def sink_for(logger: Any) -> Optional[Sink]:
+    """The sink registered for the nearest class in ``type(logger).__mro__``, or None."""
+    _register_builtins()
+    return next((_SINKS[cls] for cls in type(logger).__mro__ if cls in _SINKS), None)
+
+
+def _wandb_sink(logger: Any, report: ReportContext) -> Tuple[str, Any]:
+    run = logger.experiment
+    log_wandb(run, report.attr, report.views, report.top_k, [*report.artifact_files, report.html])
+    return "wandb", run.id
+
+
+def _tensorboard_sink(logger: Any, report: ReportContext) -> Tuple[str, Any]:
+    log_tensorboard(logger.experiment, report.attr, report.top_k, report.step)
+    return "tensorboard", logger.log_dir
+
+
+def _csv_logger_sink(logger: Any, report: ReportContext) -> Tuple[str, Any]:
+    return "csv_logger", write_csv_tables(Path(logger.log_dir) / "msif", report.attr, report.top_k)
+
+
+def _register_builtins() -> None:
+    """Lightning's loggers, on first lookup (importing lightning is slow); earlier user registrations win."""
+    global _builtins_registered
+    if _builtins_registered:
+        return
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
+    for logger_type, sink in ((WandbLogger, _wandb_sink), (TensorBoardLogger, _tensorboard_sink),
+                              (CSVLogger, _csv_logger_sink)):
+        _SINKS.setdefault(logger_type, sink)
+    _builtins_registered = True
+
+
+# -- dispatch ---------------------------------------------------------------------------------------
+def publish(attr: Attribution, views: ExampleViews, out_dir: PathLike, top_k: int, loggers: Iterable[Any] = (),
+            artifact_files: Iterable[PathLike] = (), step: int = 0) -> Dict[str, Any]:
+    """Write the local files (CSV tables, report.html), then hand the report to each logger's sink.
+
+    Returns where things went: ``csv`` and ``html`` paths plus each sink's ``(key, value)``; a list value
+    extends the list already under its key (several CSV loggers). Loggers without a sink are skipped.
+    """
     from .html import write_html
 
     out = Path(out_dir)
-    written: Dict[str, Any] = {"csv": write_csv_tables(out, attr, top_k), "html": write_html(out / "report.html", attr, views, top_k)}
+    written: Dict[str, Any] = {"csv": write_csv_tables(out, attr, top_k),
+                               "html": write_html(out / "report.html", attr, views, top_k)}
+    report = ReportContext(attr, views, top_k, step, tuple(Path(f) for f in artifact_files), written["html"])
     for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            log_wandb(logger.experiment, attr, views, top_k, [*artifact_files, written["html"]])
-            written["wandb"] = logger.experiment.id
-        elif isinstance(logger, TensorBoardLogger):
-            log_tensorboard(logger.experiment, attr, top_k, step)
-            written["tensorboard"] = logger.log_dir
-        elif isinstance(logger, CSVLogger):
-            written.setdefault("csv_logger", []).extend(write_csv_tables(Path(logger.log_dir) / "msif", attr, top_k))
+        sink = sink_for(logger)
+        result = sink(logger, report) if sink is not None else None
+        if result is None:
+            continue
+        key, value = result
+        if isinstance(value, list) and isinstance(written.get(key), list):
+            written[key].extend(value)
+        else:
+            written[key] = value
     return written
-

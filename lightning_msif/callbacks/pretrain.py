@@ -1,0 +1,92 @@
+"""``PretrainingSnapshot``: the pretraining ``Trainer``'s callback, which leaves what the finetune stage needs.
+
+At the end of ``fit`` (and every ``snapshot_every_n_epochs``): the weights, the shared parameters' names
+and shapes, records to rebuild the module and datamodule, and a fingerprint of the training data;
+optionally the per-example gradients of the whole pretraining set, so later scoring is one product.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from ..atomic import PathLike
+from ..core.arguments import InfluenceArguments
+from ..core.data import dataset_of
+from ..core.influence import per_example_gradients
+from ..core.objective import LossFn, module_loss
+from ..distributed import current_comm
+from ..errors import MSIFError
+from ..snapshots import SnapshotDir
+from .common import check_strategy, train_loader
+
+
+class PretrainingSnapshot(Callback):
+    """Snapshot the pretraining stage for ``MultiStageInfluence`` (same ``snapshot_dir`` and ``shared``).
+
+    ``shared``: name prefix of the embedding θ the finetune model reuses (``backbone`` → ``backbone.*``).
+    ``loss_fn``: per-example loss ``(model, batch) → [B]`` when the module has no ``per_example_loss``
+    (only ``store_gradients`` uses it here). ``chunk_size``: examples per vectorised gradient chunk.
+    """
+
+    def __init__(self, snapshot_dir: PathLike, shared: str = "backbone", *, loss_fn: Optional[LossFn] = None,
+                 chunk_size: Optional[int] = None, snapshot_every_n_epochs: Optional[int] = None,
+                 store_gradients: bool = False, progress: bool = True):
+        InfluenceArguments(shared=shared, chunk_size=chunk_size)  # the same checks as the finetune stage's
+        n = snapshot_every_n_epochs
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise MSIFError(f"snapshot_every_n_epochs={n!r}: must be a positive integer or None.")
+        self.snapshots = SnapshotDir(snapshot_dir)
+        self.shared = shared
+        self.loss_fn = loss_fn
+        self.chunk_size = chunk_size
+        self.snapshot_every_n_epochs = n
+        self.store_gradients = bool(store_gradients)
+        self.progress = progress
+        self.manifest: Any = None  # the last manifest written (rank 0)
+
+    @property
+    def snapshot_dir(self) -> Any:
+        return self.snapshots.root
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(stage="pretrain", snapshot_dir=str(self.snapshot_dir))
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"stage": "pretrain", "snapshot_dir": str(self.snapshot_dir)}
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            check_strategy(trainer)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        n = self.snapshot_every_n_epochs
+        if n and (trainer.current_epoch + 1) % n == 0:
+            self._snapshot(trainer, pl_module)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._snapshot(trainer, pl_module)
+        if self.store_gradients:
+            self._store_gradients(trainer, pl_module)
+
+    def _snapshot(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.is_global_zero:
+            dataset = dataset_of(train_loader(trainer))
+            self.manifest = self.snapshots.write_stage(
+                "pretrain", pl_module, self.shared, data=trainer.datamodule,
+                train_dataset=dataset if hasattr(dataset, "__len__") else None,
+                extra={"epoch": trainer.current_epoch, "global_step": trainer.global_step})
+        trainer.strategy.barrier("msif_snapshot")
+
+    def _store_gradients(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Per-example gradients of the pretraining set, so later scoring passes are one product."""
+        device = trainer.strategy.root_device
+        grads, names = per_example_gradients(pl_module, train_loader(trainer), shared=self.shared,
+                                             loss_fn=module_loss(pl_module, self.loss_fn), chunk_size=self.chunk_size,
+                                             progress=self.progress and trainer.is_global_zero,
+                                             comm=current_comm(device))
+        if trainer.is_global_zero:
+            self.snapshots.write_gradients(grads, names, str(self.manifest.weights.sha256))
+        trainer.strategy.barrier("msif_gradients")

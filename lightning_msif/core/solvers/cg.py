@@ -1,0 +1,77 @@
+"""``cg``: conjugate gradient on a block of right-hand sides, each with its own step sizes.
+
+All right-hand sides still unconverged advance together, so an iteration is one pass over the
+curvature's data for the whole block. Needs a positive-definite system.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+
+from ...errors import MSIFError
+from ..curvature.base import Curvature
+from ..registry import positive_int, positive_number
+from .base import Info, Solver, register_solver
+
+
+@dataclass(frozen=True)
+class CGOptions:
+    tol: float = 1e-7  # cg: stop when ‖b − Ax‖ ≤ tol·‖b‖ for every right-hand side
+    max_iter: int = 500  # cg: iteration cap (each iteration is one pass over the curvature's data)
+
+    def __post_init__(self) -> None:
+        positive_number(self, "tol")
+        positive_int(self, "max_iter")
+
+
+@register_solver
+class CGSolver(Solver):
+    name = "cg"
+    Options = CGOptions
+
+    def steps(self, options: CGOptions) -> int:
+        return options.max_iter
+
+    def run(self, op: Curvature, rhs: torch.Tensor, options: CGOptions,
+            progress: Optional[Any]) -> Tuple[torch.Tensor, Info]:
+        x = torch.zeros_like(rhs)
+        r = rhs.clone()
+        p = r.clone()
+        rs = (r * r).sum(1)
+        target = (options.tol * rhs.norm(dim=1)) ** 2
+        active = rs > target
+        it = 0
+        while active.any() and it < options.max_iter:
+            a_idx = active.nonzero().squeeze(1)
+            ap = op.matmat(p[a_idx])
+            pap = (p[a_idx] * ap).sum(1)
+            if (pap <= 0).any():
+                raise MSIFError(
+                    f"CG met non-positive curvature (pᵀAp = {pap.min().item():.3g}) in the {op.role} "
+                    f"Hessian + damping (λ={op.damping}): CG needs a positive-definite system, and a Hessian "
+                    "away from a minimum is indefinite. Raise damping until H + λI is positive definite, or "
+                    "use solver='exact'."
+                )
+            step = rs[a_idx] / pap
+            x[a_idx] += step[:, None] * p[a_idx]
+            r[a_idx] -= step[:, None] * ap
+            rs_new = (r[a_idx] * r[a_idx]).sum(1)
+            p[a_idx] = r[a_idx] + (rs_new / rs[a_idx])[:, None] * p[a_idx]
+            rs[a_idx] = rs_new
+            active = rs > target
+            it += 1
+            if progress is not None:
+                progress.update(1)
+                residual = (rs.max() / rhs.norm(dim=1).max() ** 2).sqrt().item()
+                progress.set_postfix(residual=f"{residual:.2e}", refresh=False)
+        rel = (rs.sqrt() / rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)).tolist()
+        if active.any():
+            warnings.warn(
+                f"CG on the {op.role} Hessian did not converge in max_iter={options.max_iter} iterations: "
+                f"largest relative residual {max(rel):.3g} > tol={options.tol}. Raise max_iter or damping.",
+                stacklevel=4,
+            )
+        return x, {"iterations": it, "relative_residual": max(rel), "converged": not bool(active.any())}

@@ -1,0 +1,91 @@
+"""``lissa``: the stochastic Neumann series ``x ← b + (I − A/scale) x`` on mini-batch curvature.
+
+Averaged over the second half of the iterates and over repeats; ``scale`` must exceed A's largest
+eigenvalue (estimated by power iteration when not given).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+
+from ...errors import MSIFError
+from ..curvature.base import Curvature
+from ..registry import positive_int, positive_number
+from .base import Info, Solver, register_solver
+
+
+@dataclass(frozen=True)
+class LissaOptions:
+    lissa_depth: int = 1000  # lissa: Neumann-series terms per repeat
+    lissa_repeats: int = 1  # lissa: independent runs averaged
+    lissa_scale: Optional[float] = None  # lissa: None estimates 1.2 × the largest eigenvalue
+    lissa_batch_size: Optional[int] = None  # lissa: examples per curvature sample (None: the data's batch size)
+    lissa_seed: int = 0  # lissa: seed of the mini-batch draws (repeat r uses lissa_seed + r)
+
+    def __post_init__(self) -> None:
+        positive_int(self, "lissa_depth", "lissa_repeats")
+        positive_number(self, "lissa_scale", optional=True)
+        if self.lissa_batch_size is not None:
+            positive_int(self, "lissa_batch_size")
+
+
+def power_max_eig(op: Curvature, like: torch.Tensor, iters: int = 30) -> float:
+    """Largest eigenvalue magnitude of ``op`` by power iteration from a fixed start."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(op.dim, generator=g, dtype=like.dtype).to(like.device)[None]
+    lam = 0.0
+    for _ in range(iters):
+        w = op.matmat(v / v.norm())
+        lam = float((w * (v / v.norm())).sum())
+        v = w
+    return abs(lam)
+
+
+@register_solver
+class LissaSolver(Solver):
+    name = "lissa"
+    Options = LissaOptions
+
+    def steps(self, options: LissaOptions) -> int:
+        return options.lissa_depth * options.lissa_repeats
+
+    def run(self, op: Curvature, rhs: torch.Tensor, options: LissaOptions,
+            progress: Optional[Any]) -> Tuple[torch.Tensor, Info]:
+        scale = options.lissa_scale or 1.2 * power_max_eig(op, rhs)
+        examples = op.examples
+        n = len(examples)
+        batch = min(n, options.lissa_batch_size or op.batch_size)
+        depth = options.lissa_depth
+        acc = torch.zeros_like(rhs)
+        # Mini-batch curvature makes the iterates fluctuate around the solution: average the second half.
+        tail = depth // 2 if batch < n else depth - 1
+        b_norm = rhs.norm()
+        last_change = 0.0
+        for rep in range(options.lissa_repeats):
+            g = torch.Generator().manual_seed(options.lissa_seed + rep)
+            h, tail_sum = rhs.clone(), torch.zeros_like(rhs)
+            for t in range(depth):
+                if batch >= n:
+                    sample = op
+                else:
+                    sample = op.restricted([examples[i] for i in torch.randperm(n, generator=g)[:batch].tolist()])
+                new = rhs + h - sample.matmat(h) / scale
+                norm = new.norm()
+                if not math.isfinite(norm.item()) or norm > 1e6 * b_norm:
+                    raise MSIFError(
+                        f"LiSSA diverged on the {op.role} Hessian at step {t} (‖h‖ = {norm.item():.3g}, "
+                        f"‖b‖ = {b_norm.item():.3g}) with lissa_scale={scale:.4g}: the scale must exceed the "
+                        "largest eigenvalue of H + λI, and H + λI must be positive definite. Raise "
+                        "lissa_scale or damping."
+                    )
+                last_change = ((new - h).norm() / norm.clamp_min(1e-300)).item()
+                h = new
+                if progress is not None:
+                    progress.update(1)
+                if t >= tail:
+                    tail_sum += h
+            acc += tail_sum / (depth - tail) / scale
+        return acc / options.lissa_repeats, {"scale": scale, "depth": depth, "last_relative_change": last_change}

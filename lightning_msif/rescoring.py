@@ -1,0 +1,26 @@
+"""``rescore``: the scores again from the two stages' snapshots, without retraining."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .atomic import PathLike
+from .core.arguments import InfluenceArguments
+from .core.comm import Communicator
+from .core.objective import LossFn
+from .resolve import from_snapshots
+from .scoring_job import ScoringOutcome, last_arguments, run_scoring
+from .snapshots import SnapshotDir
+
+
+def rescore(snapshot_dir: PathLike, arguments: Optional[InfluenceArguments] = None, *, pretrain_data: Any = None,
+            finetune_data: Any = None, query_data: Any = None, loss_fn: Optional[LossFn] = None,
+            comm: Optional[Communicator] = None, progress: bool = True) -> ScoringOutcome:
+    """Scores from the snapshots of both stages (resumes an interrupted run); writes them like the callback.
+
+    Modules and data are rebuilt from the snapshots' records unless given; ``arguments`` default to the
+    settings of the last run in ``snapshot_dir`` (``scores.yaml``), else to ``InfluenceArguments()``.
+    """
+    snapshots = SnapshotDir(snapshot_dir)
+    run = from_snapshots(snapshots, pretrain_data=pretrain_data, finetune_data=finetune_data,
+                         query_data=query_data, loss_fn=loss_fn)
+    return run_scoring(run.inputs, arguments or last_arguments(snapshots), snapshots, comm, progress, run.identity)
