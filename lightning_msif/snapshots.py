@@ -26,7 +26,6 @@ from .errors import MSIFError
 from .version import __version__
 
 FORMAT_VERSION = 1
-STAGES = ("pretrain", "finetune")
 
 
 # -- records: how to rebuild a module or a datamodule ---------------------------------------------

@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch import nn
 from ..core.comm import Communicator
 from ..core.influence import compute_single_stage, per_example_gradients
 from ..core.objective import LossFn
+from ..core.params import shared_names
 from ..errors import MSIFError
 
 
@@ -43,7 +44,7 @@ def grad_dot_scores(pretrain_model: nn.Module, finetune_model: nn.Module, pretra
                                            chunk_size=chunk_size, comm=comm)
     g_q, q_names = per_example_gradients(finetune_model, query_data, shared=shared, loss_fn=query_loss,
                                          chunk_size=chunk_size, comm=comm)
-    theta: List[str] = [n for n in pt_names if n == shared or n.startswith(shared + ".")]
+    theta = shared_names(pt_names, shared)
     return -(_columns(g_pt, pt_names, pretrain_model, theta) @ _columns(g_q, q_names, finetune_model, theta).T)
 
 
