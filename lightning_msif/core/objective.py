@@ -21,6 +21,7 @@ from ..errors import MSIFError
 from .comm import Communicator, LocalComm, shard_range
 from .data import ExampleSource, batch_size_of, slice_batch, to_device
 from .params import Params, ParamSpace, detached_params
+from .task import ClassificationTask, Task
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 """``(model, batch) -> per-example losses of shape [batch size]``."""
@@ -80,8 +81,10 @@ class Objective:
         role: str,
         comm: Optional[Communicator] = None,
         chunk_size: Optional[int] = None,
+        task: Optional[Task] = None,
     ):
         self.bound = _Bound(model, loss_fn)
+        self.task: Task = task or ClassificationTask()  # outputs and labels, for Gauss-Newton / Fisher curvatures
         self.params: Params = detached_params(model)
         if not self.params:
             raise MSIFError(f"The {role} model has no trainable parameter (it has no parameters at all): "
