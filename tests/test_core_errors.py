@@ -10,7 +10,7 @@ from reference import TinyNet, loader, problem, trained_problem
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_msif import MSIFError, multistage_influence, single_stage_influence
+from lightning_msif import MSIFError, compute_multistage, multistage_influence, single_stage_influence
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -122,9 +122,12 @@ def test_bad_option_values(case, option, match):
 def test_exact_solver_over_max_dense_params(case):
     pre, fine, pt, ft, q = case  # 31 pretraining parameters (θ + U), 10 finetune-only (W)
     with _raises(r"dense 31×31 Hessian .* over max_dense_params=30"):
-        _run(pre, fine, pt, ft, q, max_dense_params=30, damping=0.1)
+        _run(pre, fine, pt, ft, q, solver="exact", max_dense_params=30, damping=0.1)
     with _raises(r"max_dense_params=5.*solver='cg'"):
-        _run(pre, fine, pt, ft, q, max_dense_params=5, damping=0.1)
+        _run(pre, fine, pt, ft, q, solver="exact", max_dense_params=5, damping=0.1)
+    result = compute_multistage(pre, fine, loader(pt), loader(ft), loader(q), shared="backbone", max_dense_params=30,
+                                damping=0.1, tol=1e-12)  # solver="auto" takes CG past max_dense_params
+    assert result.info["solves"]["pretrain"]["solver"] == "cg" and result.info["solves"]["finetune"]["solver"] == "exact"
 
 
 # -- losses ---------------------------------------------------------------------------------------------

@@ -94,8 +94,8 @@ def toy_plug_ins():
     SOLVERS.remove("toy_richardson")
 
 
-_ALL_SOLVERS = ("exact", "cg", "lissa", "toy_richardson")
-_ALL_CURVATURES = ("hessian", "toy_scaled_identity")
+_ALL_SOLVERS = ("exact", "cg", "lissa", "direct", "toy_richardson")
+_ALL_CURVATURES = ("hessian", "ggn", "kfac", "ekfac", "toy_scaled_identity")
 
 
 # -- every solver × every curvature it supports ------------------------------------------------------------
@@ -151,10 +151,11 @@ def test_a_toy_curvature_and_solver_work_by_name_everywhere():
     assert rel_err(exact, brute_force_single(pre, pt, q, damping=1.0)) <= 1e-8  # toy solver, Hessian curvature
     args = InfluenceArguments(curvature="toy_scaled_identity", solver="toy_richardson",
                               curvature_options={"toy_scale": 5.0}, solver_options={"toy_steps": 10})
-    assert args.curvature_config.toy_scale == 5.0 and args.solver_config.toy_steps == 10
+    assert args.curvature_options_of("toy_scaled_identity").toy_scale == 5.0
+    assert args.solver_options_of("toy_richardson").toy_steps == 10
     with pytest.raises(MSIFError, match=r"toy_scale must be > 0"):
         InfluenceArguments(curvature_options={"toy_scale": -1.0})
-    with pytest.raises(MSIFError, match=r"Unknown curvature 'nope'.*'hessian', 'toy_scaled_identity'"):
+    with pytest.raises(MSIFError, match=r"Unknown curvature 'nope'.*'auto', 'hessian'.*'toy_scaled_identity'"):
         InfluenceArguments(curvature="nope")
 
 
@@ -263,14 +264,15 @@ def test_schemas_hold_every_argument_with_its_default_and_help():
 
 
 def test_arguments_are_frozen_and_recorded_in_full():
-    args = InfluenceArguments(mode="fixed", alpha=0.5, solver="cg", solver_options={"tol": 1e-9})
+    args = InfluenceArguments(mode="fixed", alpha=0.5, curvature="hessian", solver="cg", solver_options={"tol": 1e-9})
     with pytest.raises(AttributeError):
         args.damping = 1.0  # type: ignore[misc]
     record = args.record()
     assert record["alpha"] is None  # α does not apply in fixed mode
     assert record["solver_options"] == {"tol": 1e-9, "max_iter": 500}
     assert record["curvature_options"] == {"rhs_chunk_size": 32}
-    assert InfluenceArguments.from_mapping(record).solver_config.tol == 1e-9
+    assert InfluenceArguments.from_mapping(record).solver_options_of("cg").tol == 1e-9
+    assert InfluenceArguments().record()["solver_options"] == {}  # auto: the chosen solver is in the run's info
     with pytest.raises(MSIFError, match=r"Unknown setting\(s\) \['bogus'\]"):
         InfluenceArguments.from_mapping({**record, "bogus": 1})
 

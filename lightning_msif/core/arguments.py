@@ -21,8 +21,10 @@ from .curvature import CURVATURES
 from .registry import Registry
 from .solvers import SOLVERS
 
+AUTO = "auto"
 MODES = ("fixed", "updated")
 SCORING = ("auto", "grad", "jvp")
+GRADIENTS = ("auto", "func", "hooks")
 
 
 def setting(default: Any, help: str, *, factory: bool = False) -> Any:
@@ -46,8 +48,10 @@ class ScoreArguments:
     """How influence scores are computed, in one stage or two."""
 
     damping: float = setting(0.0, "λ ≥ 0 added to every inverted Hessian (an L2 penalty's strength, or a stabiliser)")
-    curvature: str = setting("hessian", f"curvature that stands for each Hessian: {' | '.join(CURVATURES.names())}")
-    solver: str = setting("exact", f"linear solver: {' | '.join(SOLVERS.names())}")
+    curvature: str = setting("auto", "curvature that stands for each Hessian: auto (exact Hessian for small models "
+                             f"that allow it, else EK-FAC) | {' | '.join(CURVATURES.names())}")
+    solver: str = setting("auto", "linear solver: auto (closed form when the curvature has one, else exact up to "
+                          f"max_dense_params, else cg) | {' | '.join(SOLVERS.names())}")
     solver_options: Dict[str, Any] = setting(
         dict, "options of the solvers, e.g. solver_options.tol=1e-6 solver_options.max_iter=200 "
         "solver_options.lissa_depth=2000", factory=True)
@@ -56,14 +60,17 @@ class ScoreArguments:
     hessian_samples: Optional[int] = setting(None, "curvature from a fixed random subset of this many examples (null: all)")
     chunk_size: Optional[int] = setting(None, "examples per vectorised gradient chunk (null: sized by memory)")
     scoring: str = setting("auto", "scoring pass: auto | grad (per-example gradients) | jvp (forward mode per query)")
+    gradients: str = setting("auto", "per-example gradients: auto (torch.func where the model allows it, else "
+                                     "module hooks) | func | hooks")
 
     def __post_init__(self) -> None:
         if not _number(self.damping) or not self.damping >= 0 or math.isinf(self.damping):
             raise MSIFError(f"damping must be a number ≥ 0 (it is added to every inverted Hessian), got {self.damping!r}.")
         object.__setattr__(self, "damping", float(self.damping))
-        _choice("curvature", self.curvature, CURVATURES.names())
-        _choice("solver", self.solver, SOLVERS.names())
+        _choice("curvature", self.curvature, (AUTO, *CURVATURES.names()))
+        _choice("solver", self.solver, (AUTO, *SOLVERS.names()))
         _choice("scoring", self.scoring, SCORING)
+        _choice("gradients", self.gradients, GRADIENTS)
         for name in ("solver_options", "curvature_options"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
@@ -77,21 +84,22 @@ class ScoreArguments:
                 raise MSIFError(f"{name} must be a positive integer or None (all data / by memory), got {value!r}.")
 
     # -- what the computation takes from it ---------------------------------------------------------
-    @property
-    def solver_config(self) -> Any:
-        """The chosen solver's options object."""
-        return Registry.options_of(SOLVERS.get(self.solver), self.solver_options)
+    def solver_options_of(self, name: str) -> Any:
+        """The options object of solver ``name`` from ``solver_options``."""
+        return Registry.options_of(SOLVERS.get(name), self.solver_options)
 
-    @property
-    def curvature_config(self) -> Any:
-        """The chosen curvature's options object."""
-        return Registry.options_of(CURVATURES.get(self.curvature), self.curvature_options)
+    def curvature_options_of(self, name: str) -> Any:
+        """The options object of curvature ``name`` from ``curvature_options``."""
+        return Registry.options_of(CURVATURES.get(name), self.curvature_options)
 
     def record(self) -> Dict[str, Any]:
-        """Plain values of every field, with the chosen plug-ins' options in full (for ``scores.yaml``)."""
+        """Plain values of every field, with a chosen plug-in's options in full (for ``scores.yaml``)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["solver_options"] = {**self.solver_options, **dataclasses.asdict(self.solver_config)}
-        out["curvature_options"] = {**self.curvature_options, **dataclasses.asdict(self.curvature_config)}
+        if self.solver != AUTO:
+            out["solver_options"] = {**self.solver_options, **dataclasses.asdict(self.solver_options_of(self.solver))}
+        if self.curvature != AUTO:
+            out["curvature_options"] = {**self.curvature_options,
+                                        **dataclasses.asdict(self.curvature_options_of(self.curvature))}
         return out
 
     def replace(self, **changes: Any) -> "ScoreArguments":

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MSIFError
 from .arguments import InfluenceArguments, ScoreArguments
+from .auto import choose_curvature, choose_solver
 from .comm import Communicator, LocalComm
 from .curvature import CURVATURES, Curvature
 from .data import ExampleSource
@@ -47,6 +48,7 @@ class _Run:
     comm: Communicator = field(default_factory=LocalComm)
     store: Optional[ScoreStore] = None
     info: Dict[str, Any] = field(default_factory=dict)
+    objectives: List[Objective] = field(default_factory=list)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -59,6 +61,15 @@ class _Run:
             return None
         return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)  # None: off when not a TTY
 
+    def objective(self, model: nn.Module, loss: LossFn, source: ExampleSource, role: str) -> Objective:
+        """An objective of this run; its per-example gradient engine is reported in ``info`` when done."""
+        obj = Objective(model, loss, source, role, self.comm, self.args.chunk_size, gradients=self.args.gradients)
+        self.objectives.append(obj)
+        return obj
+
+    def record_engines(self) -> None:
+        self.info["per_example_gradients"] = {o.role: o.engine_note or o.engine for o in self.objectives}
+
     def curvature_indices(self, n: int) -> Sequence[int]:
         """All examples, or the fixed random subset of ``hessian_samples``."""
         k = self.args.hessian_samples
@@ -67,23 +78,47 @@ class _Run:
         g = torch.Generator().manual_seed(0)
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
-    def curvature(self, obj: Objective, space: ParamSpace, shift: Optional[torch.Tensor] = None,
-                  damping: Optional[float] = None) -> Curvature:
-        """The configured curvature of ``obj`` over ``space`` (damping λ unless given)."""
-        kind = CURVATURES.get(self.args.curvature)
-        return kind.build(obj, space, self.curvature_indices(len(obj.source)),
-                          damping=self.args.damping if damping is None else damping, shift=shift,
-                          options=self.args.curvature_config)
+    def curvature(self, stage: str, obj: Objective, space: ParamSpace, shift: Optional[torch.Tensor] = None,
+                  decide_on: Optional[ParamSpace] = None) -> Curvature:
+        """The curvature of ``obj`` over ``space`` for the ``stage`` solve (damping λ, plus ``shift``).
+
+        ``auto`` decides on ``decide_on`` (default ``space``): the fixed mode's finetune stage also needs the
+        cross block over θ and W.
+        """
+        name = self._kind(stage, obj, decide_on or space)
+        kind = CURVATURES.get(name)
+        op = kind.build(obj, space, self.curvature_indices(len(obj.source)), damping=self.args.damping, shift=shift,
+                        options=self.args.curvature_options_of(name))
+        if callable(getattr(op, "coverage", None)):
+            self.info["curvature"][stage]["coverage"] = op.coverage()
+        return op
+
+    def _kind(self, stage: str, obj: Objective, space: ParamSpace) -> str:
+        name, why = self.args.curvature, "as configured"
+        if name == "auto":
+            name, why = choose_curvature(obj, space, self.curvature_indices(len(obj.source)), self.comm)
+        self.info.setdefault("curvature", {})[stage] = {"name": name, "why": why}
+        return name
+
+    def cross(self, stage: str, obj: Objective, rows: ParamSpace, cols: ParamSpace, vectors: torch.Tensor) -> torch.Tensor:
+        """The undamped off-diagonal block ``C[rows, cols] V`` of the ``stage`` curvature (fixed mode's ``H_θW``)."""
+        name = self.info["curvature"][stage]["name"]
+        with self.phase(f"{stage}_cross"):
+            return CURVATURES.get(name).cross_product(obj, rows, cols, vectors, self.curvature_indices(len(obj.source)),
+                                                      self.args.curvature_options_of(name))
 
     def solve(self, name: str, op: Curvature, rhs: torch.Tensor) -> torch.Tensor:
-        solver, options = self.args.solver, self.args.solver_config
+        solver, why = self.args.solver, "as configured"
+        if solver == "auto":
+            solver, why = choose_solver(op, self.args.solver_options_of("exact").max_dense_params)
+        options = self.args.solver_options_of(solver)
         steps = SOLVERS.get(solver).steps(options)
         bar = self.bar(steps, f"{name} solve ({solver})", "it") if steps else None
         with self.phase(name):
             x, info = solve(op, rhs, solver, options, bar)
         if bar is not None:
             bar.close()
-        self.info.setdefault("solves", {})[name] = info
+        self.info.setdefault("solves", {})[name] = {**info, "why": why}
         return x
 
 
@@ -131,7 +166,12 @@ def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.T
             "Store them again, or leave them out."
         )
     like = torch.empty(0, device=pt.device, dtype=pt.dtype)
-    s = cached(run.store, run.comm, "solution", lambda: run.solve("pretrain", run.curvature(pt, space), rhs()), like)
+
+    def solution() -> torch.Tensor:
+        b = rhs()  # the query side first: its errors name the queries, and it needs no curvature of the pretraining set
+        return run.solve("pretrain", run.curvature("pretrain", pt, space), b)
+
+    s = cached(run.store, run.comm, "solution", solution, like)
     run.info["s_norm"] = s.norm(dim=1).tolist()
     if gradients is not None:
         run.info["scoring"] = "stored_gradients"
@@ -191,9 +231,9 @@ def multistage_scores(
                ((pretrain_data, "pretrain_data"), (finetune_data, "finetune_data"), (query_data, "query_data"))]
     pt_loss, ft_loss = pretrain_loss_fn or cross_entropy_loss, finetune_loss_fn or cross_entropy_loss
     with evaluation(pretrain_model, finetune_model):
-        pt = Objective(pretrain_model, pt_loss, sources[0], "pretraining", run.comm, args.chunk_size)
-        ft = Objective(finetune_model, ft_loss, sources[1], "finetune", run.comm, args.chunk_size)
-        q = Objective(finetune_model, query_fn or ft_loss, sources[2], "query", run.comm, args.chunk_size)
+        pt = run.objective(pretrain_model, pt_loss, sources[0], "pretraining")
+        ft = run.objective(finetune_model, ft_loss, sources[1], "finetune")
+        q = run.objective(finetune_model, query_fn or ft_loss, sources[2], "query")
         ft_space, pt_space = ParamSpace.of(ft.params, theta + w), ParamSpace.of(pt.params, theta + u)
         theta_dim = ParamSpace.of(pt.params, theta).dim
         run.info.update(mode=mode, alpha=alpha, n_pretrain=len(sources[0]), n_finetune=len(sources[1]),
@@ -206,18 +246,18 @@ def multistage_scores(
             if mode == "fixed":
                 g = grads[:, :theta_dim]
                 if w:
-                    w_space = ParamSpace.of(ft.params, w)
-                    a = run.solve("finetune", run.curvature(ft, w_space), grads[:, theta_dim:])
-                    # H_θW a: the (θ, W) Hessian times [0; a], θ rows; no damping on an off-diagonal block.
-                    cross = run.curvature(ft, ft_space, damping=0.0).matmat(torch.cat([torch.zeros_like(g), a], 1))
-                    g = g - cross[:, :theta_dim]
+                    w_space, theta_space = ParamSpace.of(ft.params, w), ParamSpace.of(ft.params, theta)
+                    op = run.curvature("finetune", ft, w_space, decide_on=ft_space)
+                    a = run.solve("finetune", op, grads[:, theta_dim:])
+                    g = g - run.cross("finetune", ft, theta_space, w_space, a)  # H_θW a: no damping off the diagonal
             else:
                 shift = torch.zeros(ft_space.dim, device=grads.device, dtype=grads.dtype)
                 shift[:theta_dim] = alpha
-                g = alpha * run.solve("finetune", run.curvature(ft, ft_space, shift=shift), grads)[:, :theta_dim]
+                g = alpha * run.solve("finetune", run.curvature("finetune", ft, ft_space, shift=shift), grads)[:, :theta_dim]
             return torch.cat([g, g.new_zeros(g.shape[0], pt_space.dim - theta_dim)], 1)
 
         scores = _solve_and_score(pt, pt_space, finetune_side, run, pretrain_gradients)
+    run.record_engines()
     run.info["peak_memory_mb"] = peak_memory_mb(pt.device)
     return InfluenceResult(scores, run.info)
 
@@ -241,13 +281,14 @@ def compute_multistage(
     mode: str = "fixed",
     alpha: Optional[float] = None,
     damping: float = 0.0,
-    curvature: str = "hessian",
-    solver: str = "exact",
+    curvature: str = "auto",
+    solver: str = "auto",
     solver_options: Optional[Mapping[str, Any]] = None,
     curvature_options: Optional[Mapping[str, Any]] = None,
     hessian_samples: Optional[int] = None,
     chunk_size: Optional[int] = None,
     scoring: str = "auto",
+    gradients: str = "auto",
     loss_fn: Optional[LossFn] = None,
     pretrain_loss_fn: Optional[LossFn] = None,
     finetune_loss_fn: Optional[LossFn] = None,
@@ -276,7 +317,7 @@ def compute_multistage(
     """
     args = InfluenceArguments(shared=shared, mode=mode, alpha=alpha, damping=damping, curvature=curvature,
                               solver=solver, hessian_samples=hessian_samples, chunk_size=chunk_size, scoring=scoring,
-                              **_options(solver_options, curvature_options, options))
+                              gradients=gradients, **_options(solver_options, curvature_options, options))
     if mode == "fixed" and alpha is not None:
         warnings.warn(f"alpha={alpha} is ignored in mode='fixed' (it is the proximal strength of mode='updated').",
                       stacklevel=2)
@@ -297,13 +338,14 @@ def compute_single_stage(
     query_data: Any,
     *,
     damping: float = 0.0,
-    curvature: str = "hessian",
-    solver: str = "exact",
+    curvature: str = "auto",
+    solver: str = "auto",
     solver_options: Optional[Mapping[str, Any]] = None,
     curvature_options: Optional[Mapping[str, Any]] = None,
     hessian_samples: Optional[int] = None,
     chunk_size: Optional[int] = None,
     scoring: str = "auto",
+    gradients: str = "auto",
     loss_fn: Optional[LossFn] = None,
     query_fn: Optional[LossFn] = None,
     progress: bool = False,
@@ -316,19 +358,21 @@ def compute_single_stage(
     Same sign convention, settings (those of ``ScoreArguments``) and row/column order as ``compute_multistage``.
     """
     args = ScoreArguments(damping=damping, curvature=curvature, solver=solver, hessian_samples=hessian_samples,
-                          chunk_size=chunk_size, scoring=scoring, **_options(solver_options, curvature_options, options))
+                          chunk_size=chunk_size, scoring=scoring, gradients=gradients,
+                          **_options(solver_options, curvature_options, options))
     run = _Run(args, progress, comm or LocalComm(), store)
     loss = loss_fn or cross_entropy_loss
     train_src, query_src = ExampleSource(train_data, "train_data"), ExampleSource(query_data, "query_data")
     with evaluation(model):
-        train = Objective(model, loss, train_src, "training", run.comm, args.chunk_size)
-        q = Objective(model, query_fn or loss, query_src, "query", run.comm, args.chunk_size)
+        train = run.objective(model, loss, train_src, "training")
+        q = run.objective(model, query_fn or loss, query_src, "query")
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not names:
             raise MSIFError("The model has no trainable parameter (requires_grad=True): nothing to differentiate.")
         space = ParamSpace.of(train.params, names)
         run.info.update(mode="single", n_pretrain=len(train_src), n_query=len(query_src), dim=space.dim)
         scores = _solve_and_score(train, space, lambda: _gradients(q, space, run), run)
+    run.record_engines()
     run.info["peak_memory_mb"] = peak_memory_mb(train.device)
     return InfluenceResult(scores, run.info)
 

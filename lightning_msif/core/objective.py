@@ -9,10 +9,9 @@ scoring: ``chunk_size`` example–query pairs × activations).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_map
@@ -20,6 +19,7 @@ from torch.utils._pytree import tree_map
 from ..errors import MSIFError
 from .comm import Communicator, LocalComm, shard_range
 from .data import ExampleSource, batch_size_of, slice_batch, to_device
+from .layers import Capture, LayerMap, example_grads, iterate_calls, leftover_grads
 from .params import Params, ParamSpace, detached_params
 from .task import ClassificationTask, Task
 
@@ -31,13 +31,9 @@ _CHUNK_BYTES = 256 * 2**20
 
 
 def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Default per-example loss: cross-entropy of ``model(x)`` against ``y`` for ``(x, y)`` batches."""
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise MSIFError(
-            "The default loss expects (x, y) batches; this batch is a "
-            f"{type(batch).__name__}. Pass loss_fn=lambda model, batch: <per-example losses, shape [B]>."
-        )
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+    """Default per-example loss: cross-entropy of the logits against the labels, for ``(x, y, ...)`` batches
+    (``model(x)``) and dict batches with ``labels`` (``model(**inputs)``, its ``.logits`` if it has them)."""
+    return ClassificationTask()(model, batch)
 
 
 class _Bound(nn.Module):
@@ -50,6 +46,18 @@ class _Bound(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.loss_fn(self.model, batch)
+
+
+class _Outputs(nn.Module):
+    """``model`` and a task's ``outputs`` as one module, for ``functional_call`` (Gauss-Newton, true Fisher)."""
+
+    def __init__(self, model: nn.Module, task: Task):
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.task.outputs(self.model, batch)
 
 
 @contextmanager
@@ -82,6 +90,7 @@ class Objective:
         comm: Optional[Communicator] = None,
         chunk_size: Optional[int] = None,
         task: Optional[Task] = None,
+        gradients: str = "auto",
     ):
         self.bound = _Bound(model, loss_fn)
         self.task: Task = task or ClassificationTask()  # outputs and labels, for Gauss-Newton / Fisher curvatures
@@ -96,12 +105,32 @@ class Objective:
         self.comm = comm or LocalComm()
         self.chunk_size = chunk_size
         self._checked = False
+        self.engine = gradients  # per-example gradients: "func" (torch.func) | "hooks" (module hooks) | "auto"
+        self.engine_note = ""  # why "auto" settled where it did (for the run record)
+        self._layer_maps: Dict[Tuple[str, ...], LayerMap] = {}
 
     # -- losses -------------------------------------------------------------------------------
     def losses(self, params: Params, batch: Any) -> torch.Tensor:
         """Per-example losses with ``params`` substituted (others: the model's own, as constants)."""
         full = {"model." + k: v for k, v in {**self.params, **params}.items()}
         return functional_call(self.bound, full, (batch,))
+
+    def outputs(self, params: Params, batch: Any) -> torch.Tensor:
+        """The task's model outputs (logits) with ``params`` substituted."""
+        full = {"model." + k: v for k, v in {**self.params, **params}.items()}
+        return functional_call(_Outputs(self.bound.model, self.task), full, (batch,))
+
+    @torch.no_grad()
+    def relabelled(self, batch: Any, idx: torch.Tensor, seed: int) -> Any:
+        """``batch`` with labels drawn from the model's own predictive distribution (the true Fisher's data).
+
+        Each example's draw depends only on ``seed`` and its dataset index: not on batching or processes.
+        """
+        out = self.outputs({}, batch)
+        per = out[0, ..., 0].numel()
+        u = torch.stack([torch.rand(per, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)),
+                                    dtype=torch.float64) for i in idx])
+        return self.task.with_labels(batch, self.task.sample_labels(out, batch, u))
 
     def _check(self, batch: Any, idx: torch.Tensor) -> None:
         """Once per objective: the loss is per-example and finite on a real batch."""
@@ -150,7 +179,7 @@ class Objective:
         return max(1, _CHUNK_BYTES // (max(1, space.dim) * self.dtype.itemsize))
 
     # -- first order ----------------------------------------------------------------------------
-    def _example_grads(self, space: ParamSpace, batch: Any) -> Params:
+    def _func_grads(self, space: ParamSpace, batch: Any) -> Params:
         """``{name: [B, *shape]}``: each example's loss gradient w.r.t. ``space`` (``vmap(grad)``)."""
         base = {n: self.params[n] for n in space.names}
 
@@ -158,6 +187,73 @@ class Objective:
             return self.losses(p, tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)).sum()
 
         return vmap(grad(one), in_dims=(None, _batch_dims(batch)))(base, batch)
+
+    def layer_map(self, space: ParamSpace) -> LayerMap:
+        """Which of ``space``'s parameters module hooks cover (cached per space), checked on the first batch."""
+        if space.names not in self._layer_maps:
+            lmap = LayerMap(self.bound.model, space.names)
+            batch, _ = next(self.source.batches([0, 1][: len(self.source)]))
+            batch = to_device(batch, self.device, self.dtype)
+            lmap.exclude(lmap.shared_calls(self.bound.model, lambda: self.losses({}, batch), batch_size_of(batch)))
+            self._layer_maps[space.names] = lmap
+        return self._layer_maps[space.names]
+
+    def hooked_backward(self, space: ParamSpace, batch: Any, loss_of: Optional[Callable[[Params, Any], torch.Tensor]] = None,
+                        weights: Optional[torch.Tensor] = None) -> Tuple[Capture, Params]:
+        """One ordinary backward pass of ``Σ_b w_b ℓ_b`` with hooks on the covered layers of ``space``.
+
+        Returns the capture (each covered layer's inputs and output gradients) and the leaf parameters
+        (requiring grad) that were substituted, e.g. for the leftovers' per-example pass.
+        """
+        lmap = self.layer_map(space)
+        leaves = {n: self.params[n].detach().clone().requires_grad_(True) for n in space.names}
+        loss_of = loss_of or self.losses
+        capture = Capture(lmap)
+        with capture, torch.enable_grad():
+            losses = loss_of(leaves, batch)
+            total = (losses * weights).sum() if weights is not None else losses.sum()
+            covered = [leaves[n] for layer in lmap.layers for n in layer.names]
+            if covered and total.requires_grad:
+                torch.autograd.grad(total, covered, allow_unused=True)
+        return capture, leaves
+
+    def _hooked_grads(self, space: ParamSpace, batch: Any) -> Params:
+        """``{name: [B, *shape]}`` from module hooks; leftovers by one backward pass per example."""
+        capture, leaves = self.hooked_backward(space, batch)
+        out: Params = {}
+        for layer, calls in iterate_calls(capture):
+            out.update(example_grads(layer, calls))
+        b = batch_size_of(batch)
+        for layer in capture.layers.layers:  # layers not reached by this batch's graph contribute zeros
+            for n in layer.names:
+                out.setdefault(n, self.params[n].new_zeros(b, *self.params[n].shape))
+        left = capture.layers.leftover
+        if left:
+            with torch.enable_grad():
+                out.update(leftover_grads(lambda one: self.losses(leaves, one), {n: leaves[n] for n in left}, b,
+                                          lambda i: slice_batch(batch, i, i + 1)))
+        return out
+
+    def _use_hooks(self, err: BaseException) -> None:
+        self.engine = "hooks"
+        self.engine_note = f"module hooks (torch.func failed on this model: {type(err).__name__}: {str(err).splitlines()[0][:160]})"
+
+    def _example_grads(self, space: ParamSpace, batch: Any) -> Params:
+        """``{name: [B, *shape]}``: each example's loss gradient w.r.t. ``space``, by the chosen engine."""
+        if self.engine == "hooks":
+            return self._hooked_grads(space, batch)
+        try:
+            out = self._func_grads(space, batch)
+        except MSIFError:
+            raise
+        except (RuntimeError, NotImplementedError) as err:
+            if self.engine != "auto":
+                raise
+            self._use_hooks(err)
+            return self._hooked_grads(space, batch)
+        if self.engine == "auto":
+            self.engine, self.engine_note = "func", "torch.func (vmap of grad)"
+        return out
 
     def per_example_grads(self, space: ParamSpace, batch: Any) -> torch.Tensor:
         """``[B, space.dim]``: gradient of each example's loss w.r.t. ``space`` (``vmap(grad)``)."""
@@ -202,10 +298,15 @@ class Objective:
         out = []
         for start in range(0, b, c):
             sub = slice_batch(batch, start, start + c)
-            if method == "jvp":
-                out.append(self.directional(space, vectors, sub, chunk=max(1, c // min(c, b - start))))
-            else:
-                out.append(self._grad_dots(space, vectors, sub))
+            if method == "jvp" and self.engine != "hooks":
+                try:
+                    out.append(self.directional(space, vectors, sub, chunk=max(1, c // min(c, b - start))))
+                    continue
+                except (RuntimeError, NotImplementedError) as err:  # forward mode unsupported: hooks instead
+                    if self.engine == "func":
+                        raise
+                    self._use_hooks(err)
+            out.append(self._grad_dots(space, vectors, sub))
         return torch.cat(out)
 
     def gradients(self, space: ParamSpace, progress: Optional[Any] = None) -> torch.Tensor:

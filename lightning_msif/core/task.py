@@ -29,8 +29,13 @@ class Task(Protocol):
     def output_loss(self, outputs: torch.Tensor, batch: Any, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-example losses ``[B]`` of ``outputs`` against the batch's labels (or ``labels``, e.g. sampled)."""
 
-    def sample_labels(self, outputs: torch.Tensor, batch: Any, generator: torch.Generator) -> torch.Tensor:
-        """Labels drawn from the model's predictive distribution at ``outputs`` (no gradient)."""
+    def sample_labels(self, outputs: torch.Tensor, batch: Any, uniforms: torch.Tensor) -> torch.Tensor:
+        """Labels drawn from the model's predictive distribution at ``outputs`` (no gradient), by inverse CDF of
+        ``uniforms`` (one per label, in [0, 1): the caller derives them from dataset indices, so a draw does not
+        depend on batching or the number of processes)."""
+
+    def with_labels(self, batch: Any, labels: torch.Tensor) -> Any:
+        """``batch`` with its labels replaced by ``labels``."""
 
 
 class ClassificationTask:
@@ -42,9 +47,9 @@ class ClassificationTask:
         if isinstance(batch, dict) and "labels" in batch:
             return batch["labels"]
         raise MSIFError(
-            f"The default task expects (x, y) batches or dict batches with 'labels'; this batch is a "
-            f"{type(batch).__name__}. Pass task=<a lightning_msif Task> (outputs, output_loss, sample_labels) "
-            "for another layout."
+            f"The default loss expects (x, y) batches or dict batches with 'labels'; this batch is a "
+            f"{type(batch).__name__}. Pass loss_fn=lambda model, batch: <per-example losses, shape [B]> (and, for "
+            "a Fisher or Gauss-Newton curvature, task=<a lightning_msif Task>)."
         )
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -69,14 +74,19 @@ class ClassificationTask:
         flat = F.cross_entropy(outputs.flatten(0, -2), y.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
         return flat.view(y.shape).flatten(1).sum(1)
 
-    def sample_labels(self, outputs: torch.Tensor, batch: Any, generator: torch.Generator) -> torch.Tensor:
-        probs = torch.softmax(outputs.detach().double(), dim=-1)
-        flat = probs.flatten(0, -2)
-        draws = torch.multinomial(flat.cpu(), 1, generator=generator).view(probs.shape[:-1]).to(outputs.device)
+    def sample_labels(self, outputs: torch.Tensor, batch: Any, uniforms: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(outputs.detach().double(), dim=-1).cumsum(-1)
+        u = uniforms.to(cdf.device, cdf.dtype).reshape(cdf.shape[:-1]).unsqueeze(-1)
+        draws = (cdf <= u).sum(-1).clamp_max(cdf.shape[-1] - 1)
         if outputs.dim() > 2:  # ignored positions stay ignored
             y = self.labels_of(batch)
             draws = torch.where(y == IGNORE_INDEX, y, draws)
-        return draws
+        return draws.to(self.labels_of(batch).dtype)
+
+    def with_labels(self, batch: Any, labels: torch.Tensor) -> Any:
+        if isinstance(batch, (tuple, list)):
+            return type(batch)([batch[0], labels, *batch[2:]]) if isinstance(batch, list) else (batch[0], labels, *batch[2:])
+        return {**batch, "labels": labels}
 
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The per-example loss ``(model, batch) → [B]`` (a ``LossFn``)."""

@@ -42,6 +42,19 @@ class Curvature:
         """The operator for one stage (a subclass may fit factors from the data here)."""
         return cls(objective, space, indices, damping, shift, options)
 
+    @classmethod
+    def cross_product(cls, objective: Objective, rows: ParamSpace, cols: ParamSpace, vectors: torch.Tensor,
+                      indices: Sequence[int], options: Any) -> torch.Tensor:
+        """``C[rows, cols] V`` (``[k, cols.dim] → [k, rows.dim]``), an off-diagonal block without damping.
+
+        By default the curvature over ``rows + cols`` times ``[0; V]``; a block-diagonal curvature, which has no
+        such block, computes it in its own way.
+        """
+        both = ParamSpace(rows.names + cols.names, rows.shapes + cols.shapes)
+        op = cls.build(objective, both, indices, damping=0.0, shift=None, options=options)
+        padded = torch.cat([vectors.new_zeros(vectors.shape[0], rows.dim), vectors], 1)
+        return op.matmat(padded)[:, : rows.dim]
+
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
         """``[k, dim] → [k, dim]``: the undamped curvature ``C`` times each row."""
         raise NotImplementedError

@@ -1,0 +1,378 @@
+"""K-FAC and EK-FAC: Kronecker-factored Fisher curvature from first-order quantities, with a closed-form inverse.
+
+Each covered layer's block of the Fisher ``F = E[g gᵀ]`` (``g`` a per-example loss gradient) is
+approximated by a Kronecker product ``Ā ⊗ S̄`` of the covariance of the layer's inputs (``Ā``, with a 1
+appended when its bias is included) and of the gradients at its outputs (``S̄``), caught with module
+hooks in one ordinary forward/backward pass over the data: no forward-mode AD and no double backward,
+so any attention kernel and autocast work. With ``T`` positions per example (tokens, pixels),
+``Ā = E[Σ_t a aᵀ] / T̄`` and ``S̄ = E[Σ_t g gᵀ]``.
+
+- ``kfac``: eigenvalues of the block are the products of the factors' eigenvalues.
+- ``ekfac``: the eigenvalues are re-fitted in the Kronecker eigenbasis, ``Λ = E[(Q_Sᵀ G Q_A)²]`` with ``G``
+  each example's gradient of the layer (a second pass): the best diagonal fit in that basis.
+- ``nn.Embedding``: ``Ā`` is diagonal (token counts), so the basis is the identity on the vocabulary.
+- Norm affine parameters, a bias whose weight is not trained, and leftovers (parameters no hook covers):
+  diagonal blocks ``E[g²]`` from exact per-example gradients.
+
+The Fisher is the *true* one by default (labels drawn from the model's own predictive distribution, per
+example from its dataset index), or the *empirical* one (the data's labels). Sums are accumulated in
+``covariance_dtype`` and all-reduced over ranks; eigendecompositions are in float64. Damping per block:
+``λ`` (+ α on the shared layers in updated mode: the ``shift``), plus ``relative_damping`` × the block's
+mean eigenvalue when set. Blocks never couple two layers; ``cross_product`` gives the Fisher cross block
+between two parameter sets (the fixed mode's ``H_θW``) from a weighted backward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...errors import MSIFError
+from ..data import batch_size_of, slice_batch
+from ..layers import KRONECKER_KINDS, Layer, example_grads, iterate_calls, leftover_grads, tokens
+from ..objective import Objective
+from ..params import Params, ParamSpace
+from ..registry import positive_number
+from .base import Curvature, register_curvature
+
+FISHERS = ("true", "empirical")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class KFACOptions:
+    fisher: str = "true"  # true: labels sampled from the model | empirical: the data's labels
+    relative_damping: Optional[float] = None  # extra damping per block: this × the block's mean eigenvalue
+    covariance_dtype: str = "float64"  # float32 | float64: accumulation of the covariances and eigenvalues
+    fisher_seed: int = 0  # seed of the sampled labels (each example's draw depends on it and its index)
+
+    def __post_init__(self) -> None:
+        if self.fisher not in FISHERS:
+            raise MSIFError(f"fisher={self.fisher!r} is not allowed; choose one of {list(FISHERS)}.")
+        if self.covariance_dtype not in DTYPES:
+            raise MSIFError(f"covariance_dtype={self.covariance_dtype!r} is not allowed; choose one of {list(DTYPES)}.")
+        positive_number(self, "relative_damping", optional=True)
+
+
+@dataclass
+class Block:
+    """One diagonal block of the curvature: a Kronecker layer, an embedding, or a diagonal over parameters."""
+
+    kind: str  # "kronecker" | "embedding" | "diagonal"
+    names: Tuple[str, ...]
+    layer: Optional[Layer] = None
+    q_a: Optional[torch.Tensor] = None  # [in', in'] (kronecker)
+    q_s: Optional[torch.Tensor] = None  # [out, out] (kronecker), [D, D] (embedding)
+    eig: Optional[torch.Tensor] = None  # [out, in'] | [V, D] | [numel]
+
+    # -- parameters ↔ the block's matrix -------------------------------------------------------------------
+    def matrix(self, parts: Params) -> torch.Tensor:
+        """``{name: [k, *shape]}`` → ``[k, out, in']`` (kronecker), ``[k, V, D]`` (embedding), ``[k, numel]``."""
+        if self.kind == "diagonal":
+            return torch.cat([parts[n].flatten(1) for n in self.names], 1)
+        layer = self.layer
+        assert layer is not None
+        if self.kind == "embedding":
+            return parts[layer.weight]
+        w = parts[layer.weight]
+        w = w.transpose(1, 2) if layer.kind == "conv1d" else w.flatten(2)
+        return torch.cat([w, parts[layer.bias].unsqueeze(-1)], 2) if layer.bias is not None else w
+
+    def parts(self, m: torch.Tensor, shapes: Dict[str, torch.Size]) -> Params:
+        """The inverse of ``matrix``."""
+        if self.kind == "diagonal":
+            sizes = [shapes[n].numel() for n in self.names]
+            return {n: c.reshape(m.shape[0], *shapes[n]) for n, c in zip(self.names, torch.split(m, sizes, 1))}
+        layer = self.layer
+        assert layer is not None
+        if self.kind == "embedding":
+            return {layer.weight: m}
+        out: Params = {}
+        if layer.bias is not None:
+            m, out[layer.bias] = m[..., :-1], m[..., -1]
+        w = m.transpose(1, 2) if layer.kind == "conv1d" else m
+        out[layer.weight] = w.reshape(m.shape[0], *shapes[layer.weight])
+        return out
+
+    def rotate(self, m: torch.Tensor) -> torch.Tensor:
+        """Into the eigenbasis."""
+        if self.kind == "kronecker":
+            return self.q_s.T @ m @ self.q_a
+        if self.kind == "embedding":
+            return m @ self.q_s
+        return m
+
+    def unrotate(self, m: torch.Tensor) -> torch.Tensor:
+        if self.kind == "kronecker":
+            return self.q_s @ m @ self.q_a.T
+        if self.kind == "embedding":
+            return m @ self.q_s.T
+        return m
+
+
+def _with_ones(a: torch.Tensor) -> torch.Tensor:
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
+
+
+class _Fit:
+    """Sums over the examples of one pass, per block; all-reduced and normalised by ``finish``."""
+
+    def __init__(self, objective: Objective, space: ParamSpace, options: KFACOptions):
+        self.obj, self.space, self.options = objective, space, options
+        self.dtype = DTYPES[options.covariance_dtype]
+        self.lmap = objective.layer_map(space)
+        self.blocks: List[Block] = []
+        diagonal: List[str] = list(self.lmap.leftover)
+        for layer in self.lmap.layers:
+            if layer.kind in KRONECKER_KINDS and layer.weight is not None:
+                self.blocks.append(Block("kronecker", tuple(layer.names), layer))
+            elif layer.kind == "embedding":
+                self.blocks.append(Block("embedding", (layer.weight,), layer))
+            else:  # norm affine, or a bias whose weight is not in the space
+                diagonal.extend(layer.names)
+        order = {n: i for i, n in enumerate(space.names)}
+        self.diagonal = sorted(diagonal, key=order.__getitem__)
+        if self.diagonal:
+            self.blocks.append(Block("diagonal", tuple(self.diagonal)))
+        self.examples = 0
+
+    def batch(self, batch: Any, idx: torch.Tensor) -> Any:
+        if self.options.fisher == "true":
+            return self.obj.relabelled(batch, idx, self.options.fisher_seed)
+        return batch
+
+    def grads(self, batch: Any) -> Tuple[Any, Params]:
+        """The hooks of one backward pass, and the per-example gradients of the diagonal block's parameters."""
+        capture, leaves = self.obj.hooked_backward(self.space, batch)
+        diag: Params = {}
+        wanted = set(self.diagonal)
+        for layer, calls in iterate_calls(capture):
+            if set(layer.names) & wanted:
+                diag.update({n: g for n, g in example_grads(layer, calls).items() if n in wanted})
+        left = self.lmap.leftover
+        if left:
+            b = batch_size_of(batch)
+            with torch.enable_grad():
+                diag.update(leftover_grads(lambda one: self.obj.losses(leaves, one), {n: leaves[n] for n in left}, b,
+                                           lambda i: slice_batch(batch, i, i + 1)))
+        for n in self.diagonal:  # parameters this batch's graph did not reach
+            diag.setdefault(n, self.obj.params[n].new_zeros(batch_size_of(batch), *self.obj.params[n].shape))
+        return capture, diag
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.obj.comm.all_reduce_sum(t)
+
+
+def _layer_matrix_grads(block: Block, calls: Sequence[Any]) -> Optional[torch.Tensor]:
+    """``[B, out, in']``: each example's gradient of a Kronecker layer as a matrix (summed over its calls)."""
+    total = None
+    for call in calls:
+        if call.grad is None:
+            continue
+        a, g = tokens(block.layer, call)
+        if block.layer.bias is not None:
+            a = _with_ones(a)
+        m = torch.einsum("bto,bti->boi", g, a)
+        total = m if total is None else total + m
+    return total
+
+
+def _embedding_grads(block: Block, calls: Sequence[Any]) -> Optional[torch.Tensor]:
+    grads = example_grads(block.layer, calls)
+    return grads.get(block.layer.weight)
+
+
+def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], options: KFACOptions,
+               correct: bool) -> List[Block]:
+    """The blocks of ``space``: factors and eigenbases from one pass, EK-FAC's eigenvalues from a second."""
+    fit = _Fit(objective, space, options)
+    dt = fit.dtype
+    sums: Dict[int, Dict[str, torch.Tensor]] = {i: {} for i in range(len(fit.blocks))}
+
+    def add(i: int, key: str, value: torch.Tensor) -> None:
+        value = value.to(dt)
+        sums[i][key] = value if key not in sums[i] else sums[i][key] + value
+
+    for batch, idx in objective.batches(indices):
+        batch = fit.batch(batch, idx)
+        capture, diag = fit.grads(batch)
+        fit.examples += len(idx)
+        for i, block in enumerate(fit.blocks):
+            if block.kind == "diagonal":
+                add(i, "eig", torch.cat([diag[n].flatten(1) for n in block.names], 1).pow(2).sum(0))
+                continue
+            for call in capture.calls.get(block.layer.path, []):
+                if call.grad is None:
+                    continue
+                if block.kind == "kronecker":
+                    a, g = tokens(block.layer, call)
+                    a = _with_ones(a) if block.layer.bias is not None else a
+                    a, g = a.to(dt), g.to(dt)
+                    add(i, "A", torch.einsum("bti,btj->ij", a, a))
+                    add(i, "S", torch.einsum("bto,btp->op", g, g))
+                    add(i, "positions", torch.tensor(float(a.shape[0] * a.shape[1])))
+                else:  # embedding: one-hot inputs, so Ā is the token counts
+                    ids, g = call.inputs.reshape(-1), call.grad.reshape(-1, call.grad.shape[-1]).to(dt)
+                    keep = ids != block.layer.module.padding_idx if block.layer.module.padding_idx is not None \
+                        else torch.ones_like(ids, dtype=torch.bool)
+                    add(i, "A", torch.bincount(ids[keep], minlength=block.layer.module.num_embeddings).to(dt))
+                    add(i, "S", g[keep].T @ g[keep])
+                    add(i, "positions", torch.tensor(float(ids.shape[0])))
+    n = float(fit.reduce(torch.tensor([float(fit.examples)], dtype=torch.float64)).item())
+    if n == 0:
+        raise MSIFError(f"No {objective.role} examples to fit the Kronecker factors on: pass data with examples.")
+    for i, block in enumerate(fit.blocks):
+        s = {k: fit.reduce(v) for k, v in sums[i].items()}
+        if block.kind == "diagonal":
+            block.eig = (s["eig"] / n).to(objective.dtype) if "eig" in s else None
+            continue
+        if "S" not in s:  # the data never reached this layer: its gradients are zero
+            block.kind, block.names = "diagonal", tuple(block.names)
+            block.eig = torch.zeros(sum(space.shapes[space.names.index(nm)].numel() for nm in block.names),
+                                    dtype=objective.dtype, device=objective.device)
+            continue
+        positions = float(s["positions"])
+        s_bar = (s["S"] / n).double()
+        d_s, block.q_s = torch.linalg.eigh((s_bar + s_bar.T) / 2)
+        if block.kind == "kronecker":
+            a_bar = (s["A"] / positions).double()
+            d_a, block.q_a = torch.linalg.eigh((a_bar + a_bar.T) / 2)
+        else:
+            d_a = (s["A"] / positions).double()
+        block.eig = (d_s.clamp_min(0)[:, None] * d_a.clamp_min(0)[None, :]) if block.kind == "kronecker" else \
+            (d_a.clamp_min(0)[:, None] * d_s.clamp_min(0)[None, :])
+        block.q_s = block.q_s.to(objective.dtype)
+        if block.q_a is not None:
+            block.q_a = block.q_a.to(objective.dtype)
+    if correct:
+        _correct(fit, objective, indices, n)
+    for block in fit.blocks:
+        block.eig = block.eig.to(objective.dtype)
+    return fit.blocks
+
+
+def _correct(fit: _Fit, objective: Objective, indices: Sequence[int], n: float) -> None:
+    """EK-FAC: ``Λ = E[(Q_Sᵀ G Q_A)²]`` over the examples, in the eigenbasis of the first pass."""
+    dt = fit.dtype
+    sums: Dict[int, torch.Tensor] = {}
+    targets = [i for i, b in enumerate(fit.blocks) if b.kind in ("kronecker", "embedding")]
+    if not targets:
+        return
+    for batch, idx in objective.batches(indices):
+        capture, _ = objective.hooked_backward(fit.space, fit.batch(batch, idx))
+        for i in targets:
+            block = fit.blocks[i]
+            calls = capture.calls.get(block.layer.path, [])
+            g = _layer_matrix_grads(block, calls) if block.kind == "kronecker" else _embedding_grads(block, calls)
+            if g is None:
+                continue
+            value = block.rotate(g).pow(2).sum(0).to(dt)
+            sums[i] = value if i not in sums else sums[i] + value
+    for i in targets:
+        block = fit.blocks[i]
+        total = sums.get(i, torch.zeros(block.eig.shape, dtype=dt, device=block.eig.device))
+        block.eig = (fit.reduce(total) / n).to(objective.dtype)
+
+
+@register_curvature
+@dataclass(frozen=True)
+class EKFACCurvature(Curvature):
+    """Eigenvalue-corrected Kronecker-factored Fisher (George et al. 2018), block-diagonal over layers."""
+
+    name = "ekfac"
+    Options = KFACOptions
+    correct = True
+
+    blocks: Tuple[Block, ...] = ()
+
+    @classmethod
+    def build(cls, objective: Objective, space: ParamSpace, indices: Sequence[int], *, damping: float,
+              shift: Optional[torch.Tensor], options: Any) -> "EKFACCurvature":
+        blocks = tuple(fit_blocks(objective, space, indices, options or KFACOptions(), cls.correct))
+        return cls(objective, space, indices, damping, shift, options, blocks)
+
+    def coverage(self) -> Dict[str, Any]:
+        """How each parameter is handled (for the run record)."""
+        kinds: Dict[str, List[str]] = {}
+        for block in self.blocks:
+            kinds.setdefault(block.kind, []).extend(block.names)
+        return {"kronecker": len([b for b in self.blocks if b.kind == "kronecker"]),
+                "embedding": len([b for b in self.blocks if b.kind == "embedding"]),
+                "diagonal": kinds.get("diagonal", []), "leftover": self.objective.layer_map(self.space).leftover}
+
+    def _block_damping(self, block: Block) -> float:
+        value = self.damping
+        if self.shift is not None:
+            coords = torch.cat([self.shift[self._slice(n)] for n in block.names])
+            if coords.numel() and not torch.all(coords == coords[0]):
+                raise MSIFError(f"A per-coordinate shift that varies inside one block ({block.names[0]}) cannot be "
+                                "applied to a Kronecker-factored curvature: give a shift constant per layer.")
+            value += float(coords[0]) if coords.numel() else 0.0
+        if self.options is not None and self.options.relative_damping:
+            value += self.options.relative_damping * float(block.eig.mean())
+        return value
+
+    def _slice(self, name: str) -> slice:
+        start = 0
+        for n, k in zip(self.space.names, self.space.numels):
+            if n == name:
+                return slice(start, start + k)
+            start += k
+        raise KeyError(name)
+
+    def _map(self, vectors: torch.Tensor, inverse: bool) -> torch.Tensor:
+        parts = self.space.unflatten(vectors)
+        shapes = dict(zip(self.space.names, self.space.shapes))
+        out: Params = {}
+        for block in self.blocks:
+            lam = block.eig + self._block_damping(block)
+            rotated = block.rotate(block.matrix(parts))
+            if inverse:
+                if bool((lam <= 0).any()):
+                    raise MSIFError(
+                        f"The {self.role} {self.name} curvature has a zero eigenvalue in the block of {block.names[0]} "
+                        "and no damping: add damping (e.g. damping=1e-3) or relative_damping."
+                    )
+                rotated = rotated / lam
+            else:
+                rotated = rotated * lam
+            out.update(block.parts(block.unrotate(rotated), shapes))
+        return self.space.flatten(out)
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self._map(vectors, inverse=False)
+
+    def inverse_matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(C + diag(shift) + λI)⁻¹ V`` in closed form, block by block in each block's eigenbasis."""
+        return self._map(vectors, inverse=True)
+
+    @classmethod
+    def cross_product(cls, objective: Objective, rows: ParamSpace, cols: ParamSpace, vectors: torch.Tensor,
+                      indices: Sequence[int], options: Any) -> torch.Tensor:
+        """The Fisher cross block ``F_rows,cols V = (1/m) Σ_x g_rows(x) (g_cols(x) · v)``: for each right-hand side,
+        the ``rows``-gradient of the weighted loss ``Σ_x c_x ℓ(x)`` with ``c_x = g_cols(x) · v`` held constant."""
+        options = options or KFACOptions()
+        out = torch.zeros(vectors.shape[0], rows.dim, device=vectors.device, dtype=vectors.dtype)
+        for batch, idx in objective.batches(indices):
+            if options.fisher == "true":
+                batch = objective.relabelled(batch, idx, options.fisher_seed)
+            c = objective.per_example_grads(cols, batch) @ vectors.T  # [B, k]
+            leaves = {n: objective.params[n].detach().clone().requires_grad_(True) for n in rows.names}
+            with torch.enable_grad():
+                losses = objective.losses(leaves, batch)
+                for j in range(vectors.shape[0]):
+                    grads = torch.autograd.grad((losses * c[:, j].detach()).sum(), list(leaves.values()),
+                                                retain_graph=j + 1 < vectors.shape[0], allow_unused=True)
+                    out[j] += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                         for g, p in zip(grads, leaves.values())])
+        return objective.comm.all_reduce_sum(out) / len(indices)
+
+
+@register_curvature
+@dataclass(frozen=True)
+class KFACCurvature(EKFACCurvature):
+    """Kronecker-factored Fisher (Martens & Grosse 2015): eigenvalues are products of the factors' eigenvalues."""
+
+    name = "kfac"
+    correct = False

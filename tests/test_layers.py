@@ -1,0 +1,115 @@
+"""Per-example gradients from module hooks equal ``torch.func``'s (``vmap(grad)``) on every covered layer kind,
+leftover parameters included; and the influence engine falls back to hooks where torch.func cannot run."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_msif.core.data import ExampleSource
+from lightning_msif.core.layers import LayerMap
+from lightning_msif.core.objective import Objective
+from lightning_msif.core.params import ParamSpace
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 ``Conv1D`` (``y = x @ W + b``, ``W`` of shape ``[in, out]``), as transformers defines it."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class Everything(nn.Module):
+    """Conv2d + BatchNorm2d (eval) on an image, Embedding + LayerNorm + Conv1D on tokens, a bare parameter, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.embed = nn.Embedding(7, 4, padding_idx=0)
+        self.norm = nn.LayerNorm(4)
+        self.mix = Conv1D(4, 4)
+        self.scale = nn.Parameter(torch.tensor([1.5, -0.5, 0.7, 1.1]))  # a leftover: no hook covers it
+        self.head = nn.Linear(3 + 4, 3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.2, 0.2)
+            self.bn.running_var.uniform_(0.5, 1.5)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, image: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn(self.conv(image)), inplace=True).mean((2, 3))
+        t = self.mix(self.norm(self.embed(ids))) * self.scale
+        return self.head(torch.cat([a, torch.tanh(t).mean(1)], 1))
+
+
+def _data(n: int = 9) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 7, (n, 5), generator=g)
+    return TensorDataset(torch.randn(n, 2, 5, 5, generator=g), ids, torch.randint(0, 3, (n,), generator=g))
+
+
+def _loss(model: nn.Module, batch) -> torch.Tensor:
+    image, ids, y = batch
+    return F.cross_entropy(model(image, ids), y, reduction="none")
+
+
+def test_hooks_equal_torch_func_on_every_layer_kind():
+    torch.manual_seed(0)
+    model = Everything().double().eval()
+    loader = DataLoader(_data(), batch_size=4)
+    names = [n for n, _ in model.named_parameters()]
+    lmap = LayerMap(model, names)
+    assert {layer.kind for layer in lmap.layers} == {"conv2d", "batchnorm", "embedding", "layernorm", "conv1d", "linear"}
+    assert lmap.leftover == ["scale"]
+    obj_func = Objective(model, _loss, ExampleSource(loader, "data"), "training", gradients="func")
+    obj_hooks = Objective(model, _loss, ExampleSource(loader, "data"), "training", gradients="hooks")
+    space = ParamSpace.of(obj_func.params, names)
+    want, got = obj_func.gradients(space), obj_hooks.gradients(space)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    frozen = [n for n in names if not n.startswith("conv")]  # a space without some layers' parameters
+    sub = ParamSpace.of(obj_func.params, frozen)
+    torch.testing.assert_close(obj_hooks.gradients(sub), obj_func.gradients(sub), rtol=1e-10, atol=1e-12)
+
+
+class NoVmap(nn.Module):
+    """A model torch.func cannot vmap: data-dependent Python control flow (as Hugging Face's mask handling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        if bool((x.abs().sum() > 0).item()):  # .item() inside vmap raises
+            h = h * 1.0
+        return self.head(h)
+
+
+def test_auto_falls_back_to_hooks_and_says_so():
+    torch.manual_seed(0)
+    model = NoVmap().double()
+    data = TensorDataset(torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,)))
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    names = [n for n, _ in model.named_parameters()]
+    strict = Objective(model, loss, ExampleSource(data, "data"), "training", gradients="func")
+    with pytest.raises(RuntimeError):
+        strict.gradients(ParamSpace.of(strict.params, names))
+    auto = Objective(model, loss, ExampleSource(data, "data"), "training")
+    g = auto.gradients(ParamSpace.of(auto.params, names))
+    assert auto.engine == "hooks" and "module hooks" in auto.engine_note
+    ref = torch.stack([torch.cat([p.reshape(-1) for p in torch.autograd.grad(
+        F.cross_entropy(model(data[i][0][None]), data[i][1][None]), list(model.parameters()))]) for i in range(10)])
+    torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
