@@ -18,7 +18,7 @@ The Fisher is the *true* one by default (labels drawn from the model's own predi
 example from its dataset index), or the *empirical* one (the data's labels). Sums are accumulated in
 ``covariance_dtype`` and all-reduced over ranks; eigendecompositions are in float64. Damping per block:
 ``λ`` (+ α on the shared layers in updated mode: the ``shift``), plus ``relative_damping`` × the block's
-mean eigenvalue when set. Blocks never couple two layers; ``cross_product`` gives the Fisher cross block
+mean eigenvalue (by default 0.1 when λ = 0, else none). Blocks never couple two layers; ``cross_product`` gives the Fisher cross block
 between two parameter sets (the fixed mode's ``H_θW``) from a weighted backward pass.
 """
 from __future__ import annotations
@@ -33,17 +33,19 @@ from ..data import batch_size_of, slice_batch
 from ..layers import KRONECKER_KINDS, Layer, example_grads, iterate_calls, leftover_grads, tokens
 from ..objective import Objective
 from ..params import Params, ParamSpace
-from ..registry import positive_number
 from .base import Curvature, register_curvature
 
 FISHERS = ("true", "empirical")
+HEURISTIC_DAMPING = 0.1
+"""With no damping given (λ = 0), each block is damped by this × its mean eigenvalue: an unconverged model's
+Fisher has (near-)zero eigenvalues, e.g. vocabulary rows no example uses. kronfluence uses the same heuristic."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
 class KFACOptions:
     fisher: str = "true"  # true: labels sampled from the model | empirical: the data's labels
-    relative_damping: Optional[float] = None  # extra damping per block: this × the block's mean eigenvalue
+    relative_damping: Optional[float] = None  # extra damping per block, × its mean eigenvalue (None: 0.1 when λ = 0)
     covariance_dtype: str = "float64"  # float32 | float64: accumulation of the covariances and eigenvalues
     fisher_seed: int = 0  # seed of the sampled labels (each example's draw depends on it and its index)
 
@@ -52,7 +54,9 @@ class KFACOptions:
             raise MSIFError(f"fisher={self.fisher!r} is not allowed; choose one of {list(FISHERS)}.")
         if self.covariance_dtype not in DTYPES:
             raise MSIFError(f"covariance_dtype={self.covariance_dtype!r} is not allowed; choose one of {list(DTYPES)}.")
-        positive_number(self, "relative_damping", optional=True)
+        if self.relative_damping is not None and not (isinstance(self.relative_damping, (int, float))
+                                                       and self.relative_damping >= 0):
+            raise MSIFError(f"relative_damping must be a number ≥ 0 (or None), got {self.relative_damping!r}.")
 
 
 @dataclass
@@ -309,9 +313,10 @@ class EKFACCurvature(Curvature):
                 raise MSIFError(f"A per-coordinate shift that varies inside one block ({block.names[0]}) cannot be "
                                 "applied to a Kronecker-factored curvature: give a shift constant per layer.")
             value += float(coords[0]) if coords.numel() else 0.0
-        if self.options is not None and self.options.relative_damping:
-            value += self.options.relative_damping * float(block.eig.mean())
-        return value
+        relative = self.options.relative_damping if self.options is not None else None
+        if relative is None:
+            relative = HEURISTIC_DAMPING if self.damping == 0 else 0.0
+        return value + relative * float(block.eig.mean())
 
     def _slice(self, name: str) -> slice:
         start = 0

@@ -1,0 +1,47 @@
+"""Influence on the models people pretrain, with default options: a ResNet with BatchNorm, Hugging Face BERT and
+GPT-2 (default sdpa attention, small random configs), each trained a few Adam steps and not converged.
+
+Both modes must give finite scores that do not depend on the loader's batch size or shuffling; the run record
+says which curvature and gradient engine were used and why.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from real_models import KINDS, pretrain_and_finetune
+from reference import rel_err
+from torch.utils.data import DataLoader
+
+from lightning_msif import compute_multistage, compute_single_stage
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _loader(data, batch_size: int, shuffle: bool = False) -> DataLoader:
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "updated"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_options_give_finite_batching_invariant_scores(kind, mode):
+    st = pretrain_and_finetune(kind, freeze_backbone=mode == "fixed", dtype=torch.float64)
+    settings = dict(shared="backbone", mode=mode, alpha=1.0 if mode == "updated" else None)
+    runs = [compute_multistage(st.pre, st.fine, _loader(st.pretrain, b, s), _loader(st.finetune, b, s),
+                               _loader(st.query, b, s), **settings) for b, s in ((8, False), (5, True))]
+    scores = runs[0].scores
+    assert scores.shape == (len(st.pretrain), len(st.query))
+    assert torch.isfinite(scores).all() and scores.abs().max() > 0
+    assert rel_err(runs[1].scores, scores) <= 1e-8
+    info = runs[0].info
+    assert info["curvature"]["pretrain"]["name"] == "ekfac"  # above the exact Hessian's size, and no forward AD
+    coverage = info["curvature"]["pretrain"]["coverage"]
+    assert coverage["kronecker"] >= 3  # every Linear / Conv2d / Conv1D layer is Kronecker-factored
+    if kind != "resnet":
+        assert "module hooks" in info["per_example_gradients"]["pretraining"]  # HF's mask code defeats vmap
+        assert any("position" in n or "wpe" in n for n in coverage["diagonal"])  # broadcast position embeddings
+
+
+def test_single_stage_on_bert():
+    st = pretrain_and_finetune("bert", dtype=torch.float64)
+    result = compute_single_stage(st.pre, _loader(st.pretrain, 8), _loader(st.query, 8))
+    assert torch.isfinite(result.scores).all() and result.info["solves"]["pretrain"]["solver"] == "direct"
