@@ -63,3 +63,19 @@ def test_rescore_from_ddp_snapshots(ddp_run: Path) -> None:
     before = MultiStageInfluence.load_scores(folder)
     again = rescore(folder, progress=False).scores
     assert rel_err(again, before) <= 1e-10
+
+
+def test_bert_with_default_settings_under_ddp_equals_one_process(tmp_path_factory) -> None:
+    """EK-FAC factors all-reduced over 2 ranks, sampled labels per dataset index, hooks-based gradients: the
+    2-process scores equal a single-process rescoring of the same snapshots (n = 25 is odd)."""
+    out = tmp_path_factory.mktemp("ddp_bert")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_real_job.py"), str(out), "2"], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    record = OmegaConf.load(out / "scores.yaml")
+    assert record.world_size == 2 and record.info.curvature.pretrain.name == "ekfac"
+    ddp = MultiStageInfluence.load_scores(out)
+    single = rescore(out, progress=False).scores
+    assert ddp.shape == (25, 7) and torch.isfinite(ddp).all()
+    assert rel_err(ddp, single) <= 1e-4  # float32 models: only the order of the sums differs

@@ -45,3 +45,33 @@ def test_single_stage_on_bert():
     st = pretrain_and_finetune("bert", dtype=torch.float64)
     result = compute_single_stage(st.pre, _loader(st.pretrain, 8), _loader(st.query, 8))
     assert torch.isfinite(result.scores).all() and result.info["solves"]["pretrain"]["solver"] == "direct"
+
+
+@pytest.mark.parametrize("kind, mode", [("bert", "fixed"), ("resnet", "updated")])
+def test_callbacks_with_default_options_on_lightning_modules(tmp_path, kind, mode):
+    """Both callbacks around real Lightning modules (dict batches for BERT), defaults only: finite scores equal to
+    the functional API's on the same models and data."""
+    from lightning_fixtures import trainer
+    from real_models import HFClassifierModule, ImageDataModule, ResNetModule, TokenDataModule
+
+    from lightning_msif import MultiStageInfluence, PretrainingSnapshot, load_pretrained, multistage_influence
+
+    def module(classes: int, **kw):
+        return HFClassifierModule(kind, classes=classes, **kw) if kind == "bert" else ResNetModule(classes=classes, **kw)
+
+    def data(classes: int, seed: int):
+        return TokenDataModule(classes=classes, seed=seed) if kind == "bert" else ImageDataModule(classes=classes,
+                                                                                                  seed=seed)
+
+    pre, pre_dm = module(4), data(4, 0)
+    trainer(callbacks=[PretrainingSnapshot(tmp_path)], max_epochs=2).fit(pre, datamodule=pre_dm)
+    fine = load_pretrained(module(2, freeze_backbone=mode == "fixed", init_seed=1), tmp_path)
+    ft_dm = data(2, 5)
+    settings = dict(mode=mode, alpha=1.0) if mode == "updated" else {}
+    cb = MultiStageInfluence(tmp_path, progress=False, report=False, enforce_proximal=mode == "updated", **settings)
+    trainer(callbacks=[cb], max_epochs=2).fit(fine, datamodule=ft_dm)
+    assert cb.scores.shape == (24, 8) and torch.isfinite(cb.scores).all()
+    assert cb.info["curvature"]["pretrain"]["name"] == "ekfac"
+    ref = multistage_influence(pre, fine, pre_dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone",
+                               loss_fn=lambda m, b: m.per_example_loss(b), **settings)
+    assert rel_err(cb.scores, ref) <= 1e-5
