@@ -7,23 +7,27 @@ checks values when the callback is built, with a message naming the key and its 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
-from .core.arguments import setting, settings_schema
+from .core.arguments import ScoreArguments, setting, settings_schema
 
 
-@dataclass
-class PretrainingSnapshotConfig:
-    """Everything ``PretrainingSnapshot`` takes that YAML can hold."""
-
-    _target_: str = "lightning_msif.PretrainingSnapshot"
-    snapshot_dir: str = setting("msif", "folder shared by both stages' callbacks")
-    shared: str = setting("backbone", "name prefix of the shared embedding θ in both models")
-    chunk_size: Optional[int] = setting(None, "examples per vectorised gradient chunk (null: sized by memory)")
-    snapshot_every_n_epochs: Optional[int] = setting(None, "also snapshot after every n-th epoch (null: at the end only)")
-    store_gradients: bool = setting(False, "keep the pretraining set's per-example gradients for one-product scoring")
-    progress: bool = setting(True, "progress bars on rank 0")
+PretrainingSnapshotConfig = settings_schema(
+    "PretrainingSnapshotConfig",
+    [
+        ("_target_", str, setting("lightning_msif.PretrainingSnapshot", "the class Hydra instantiates")),
+        ("snapshot_dir", str, setting("msif", "folder shared by both stages' callbacks")),
+        ("shared", str, setting("backbone", "name prefix of the shared embedding θ in both models")),
+        ("fit_curvature", bool, setting(True, "fit the pretraining curvature (EK-FAC factors) at the end of fit")),
+        ("snapshot_every_n_epochs", Optional[int], setting(None, "also snapshot after every n-th epoch (null: at the "
+                                                                 "end only)")),
+        ("store_gradients", bool, setting(False, "keep the pretraining set's per-example gradients")),
+        ("progress", bool, setting(True, "progress bars on rank 0")),
+    ],
+    base=ScoreArguments,
+    exclude=("damping", "solver", "solver_options", "scoring"),
+    doc="Everything ``PretrainingSnapshot`` takes that YAML can hold (curvature settings as in InfluenceArguments).",
+)
 
 
 MultiStageInfluenceConfig = settings_schema(

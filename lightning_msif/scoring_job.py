@@ -80,7 +80,7 @@ def run_scoring(inputs: ScoringInputs, args: InfluenceArguments, snapshots: Snap
         inputs.pretrain_model, inputs.finetune_model, inputs.pretrain_data, inputs.finetune_data, inputs.query_data,
         args, pretrain_loss_fn=inputs.pretrain_loss, finetune_loss_fn=inputs.finetune_loss,
         query_fn=inputs.query_fn or inputs.finetune_loss, comm=comm, store=store, progress=progress,
-        pretrain_gradients=stored,
+        pretrain_gradients=stored, factors=snapshots.factors(identity["pretrain_weights"]) if identity else None,
     )
     outcome = ScoringOutcome(result.scores, result.info)
     if comm.rank == 0:

@@ -146,6 +146,28 @@ def settings_key(parts: Iterable[Any]) -> str:
     return hashlib.sha256(repr(list(parts)).encode()).hexdigest()[:16]
 
 
+class FactorFiles:
+    """A ``FactorStore`` of fitted curvatures in a folder, valid for one set of weights (hash checked on read)."""
+
+    def __init__(self, folder: PathLike, weights_sha: str):
+        self.folder, self.weights_sha = Path(folder), weights_sha
+
+    def get(self, key: str) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:
+        path = self.folder / f"{key}.safetensors"
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("weights_sha256") != self.weights_sha or meta.get("format_version") != str(FORMAT_VERSION):
+                return None  # fitted on other weights (or by another version): refit
+            return {k: fh.get_tensor(k) for k in fh.keys()}, json.loads(meta["meta"])
+
+    def put(self, key: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+        save_tensors(self.folder / f"{key}.safetensors", tensors,
+                     metadata={"meta": json.dumps(meta), "weights_sha256": self.weights_sha,
+                               "format_version": str(FORMAT_VERSION)})
+
+
 # -- the folder ---------------------------------------------------------------------------------------
 class SnapshotDir:
     """The files a two-stage run leaves under one folder: the only code that knows their names and format.
@@ -153,6 +175,7 @@ class SnapshotDir:
     Layout::
 
         pretrain/manifest.yaml  pretrain/weights.safetensors  [pretrain/gradients.safetensors]
+        pretrain/curvature/<kind>-<key>.safetensors   fitted pretraining curvature (EK-FAC factors)
         finetune/manifest.yaml  finetune/weights.safetensors
         work/<key>/*.safetensors     partial results of an unfinished scoring run
         scores.safetensors  scores.yaml   the score matrix and how it was computed
@@ -194,6 +217,10 @@ class SnapshotDir:
     @property
     def report_dir(self) -> Path:
         return self.root / "report"
+
+    def factors(self, weights_sha: str) -> FactorFiles:
+        """The fitted pretraining curvatures valid for the pretraining weights ``weights_sha``."""
+        return FactorFiles(self.root / "pretrain" / "curvature", weights_sha)
 
     def work(self, key: str) -> FileStore:
         """The partial-result store of the scoring run identified by ``key`` (``settings_key``)."""

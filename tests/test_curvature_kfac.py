@@ -222,3 +222,21 @@ def test_multistage_with_ekfac_is_finite_and_batching_invariant(mode):
     info = runs[0].info
     assert info["curvature"]["pretrain"]["name"] == "ekfac" and info["solves"]["pretrain"]["solver"] == "direct"
     assert info["solves"]["pretrain"]["relative_residual"] <= 1e-10
+
+
+def test_fitted_factors_round_trip_through_a_snapshot_and_are_refused_for_other_weights(tmp_path):
+    from lightning_msif.snapshots import SnapshotDir
+
+    model, data, names = _net()
+    op, obj, space = _build(EKFACCurvature, model, data, names, damping=0.1)
+    store = SnapshotDir(tmp_path).factors("sha-of-these-weights")
+    store.put("ekfac-key", *op.state())
+    tensors, meta = store.get("ekfac-key")
+    again = EKFACCurvature.from_state(obj, space, range(len(data)), damping=0.1, shift=None, options=EMPIRICAL,
+                                      tensors=tensors, meta=meta)
+    v = torch.randn(2, space.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(again.inverse_matmat(v), op.inverse_matmat(v))
+    assert SnapshotDir(tmp_path).factors("sha-of-other-weights").get("ekfac-key") is None
+    other = ParamSpace.of(obj.params, names[:2])
+    assert EKFACCurvature.from_state(obj, other, range(len(data)), damping=0.1, shift=None, options=EMPIRICAL,
+                                     tensors=tensors, meta=meta) is None  # fitted on other parameters

@@ -72,6 +72,7 @@ def test_callbacks_with_default_options_on_lightning_modules(tmp_path, kind, mod
     trainer(callbacks=[cb], max_epochs=2).fit(fine, datamodule=ft_dm)
     assert cb.scores.shape == (24, 8) and torch.isfinite(cb.scores).all()
     assert cb.info["curvature"]["pretrain"]["name"] == "ekfac"
+    assert cb.info["curvature"]["pretrain"]["factors"] == "from the pretraining snapshot"  # not refitted
     ref = multistage_influence(pre, fine, pre_dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone",
                                loss_fn=lambda m, b: m.per_example_loss(b), **settings)
     assert rel_err(cb.scores, ref) <= 1e-5

@@ -2,7 +2,9 @@
 
 At the end of ``fit`` (and every ``snapshot_every_n_epochs``): the weights, the shared parameters' names
 and shapes, records to rebuild the module and datamodule, and a fingerprint of the training data;
-optionally the per-example gradients of the whole pretraining set, so later scoring is one product.
+the pretraining curvature when it is one fitted from the data (EK-FAC/K-FAC factors), so the finetune
+stage does not read the pretraining set for it; optionally the per-example gradients of the whole
+pretraining set, so later scoring is one product.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from ..atomic import PathLike
 from ..core.arguments import InfluenceArguments
 from ..core.data import dataset_of
-from ..core.influence import per_example_gradients
+from ..core.influence import fit_pretraining_curvature, per_example_gradients
 from ..core.objective import LossFn, module_loss
 from ..distributed import current_comm
 from ..errors import MSIFError
@@ -26,14 +28,20 @@ class PretrainingSnapshot(Callback):
     """Snapshot the pretraining stage for ``MultiStageInfluence`` (same ``snapshot_dir`` and ``shared``).
 
     ``shared``: name prefix of the embedding θ the finetune model reuses (``backbone`` → ``backbone.*``).
-    ``loss_fn``: per-example loss ``(model, batch) → [B]`` when the module has no ``per_example_loss``
-    (only ``store_gradients`` uses it here). ``chunk_size``: examples per vectorised gradient chunk.
+    ``loss_fn``: per-example loss ``(model, batch) → [B]`` when the module has no ``per_example_loss``.
+    ``curvature``, ``curvature_options``, ``hessian_samples``, ``chunk_size``, ``gradients``: as in
+    ``InfluenceArguments``; give the finetune stage the same ones and it reuses the fitted curvature
+    (otherwise it fits its own, and says so in the run record). ``fit_curvature=False`` skips that step.
     """
 
     def __init__(self, snapshot_dir: PathLike, shared: str = "backbone", *, loss_fn: Optional[LossFn] = None,
-                 chunk_size: Optional[int] = None, snapshot_every_n_epochs: Optional[int] = None,
+                 curvature: str = "auto", curvature_options: Optional[Dict[str, Any]] = None,
+                 hessian_samples: Optional[int] = None, chunk_size: Optional[int] = None, gradients: str = "auto",
+                 fit_curvature: bool = True, snapshot_every_n_epochs: Optional[int] = None,
                  store_gradients: bool = False, progress: bool = True):
-        InfluenceArguments(shared=shared, chunk_size=chunk_size)  # the same checks as the finetune stage's
+        self.arguments = InfluenceArguments(shared=shared, curvature=curvature, hessian_samples=hessian_samples,
+                                            curvature_options=dict(curvature_options or {}), chunk_size=chunk_size,
+                                            gradients=gradients)  # the same checks as the finetune stage's
         n = snapshot_every_n_epochs
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise MSIFError(f"snapshot_every_n_epochs={n!r}: must be a positive integer or None.")
@@ -43,8 +51,10 @@ class PretrainingSnapshot(Callback):
         self.chunk_size = chunk_size
         self.snapshot_every_n_epochs = n
         self.store_gradients = bool(store_gradients)
+        self.fit_curvature = bool(fit_curvature)
         self.progress = progress
         self.manifest: Any = None  # the last manifest written (rank 0)
+        self.curvature_info: Dict[str, Any] = {}  # what was fitted at the end of fit, and why
 
     @property
     def snapshot_dir(self) -> Any:
@@ -70,6 +80,22 @@ class PretrainingSnapshot(Callback):
         self._snapshot(trainer, pl_module)
         if self.store_gradients:
             self._store_gradients(trainer, pl_module)
+        if self.fit_curvature:
+            self._fit_curvature(trainer, pl_module)
+
+    def _weights_sha(self, trainer: "pl.Trainer") -> str:
+        manifest = self.manifest if trainer.is_global_zero else self.snapshots.manifest("pretrain")
+        return str(manifest.weights.sha256)
+
+    def _fit_curvature(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The pretraining curvature over (θ, U), fitted once here and kept in the snapshot."""
+        device = trainer.strategy.root_device
+        factors = self.snapshots.factors(self._weights_sha(trainer))
+        self.curvature_info = fit_pretraining_curvature(
+            pl_module, train_loader(trainer), factors, shared=self.shared, arguments=self.arguments,
+            loss_fn=module_loss(pl_module, self.loss_fn), progress=self.progress and trainer.is_global_zero,
+            comm=current_comm(device))
+        trainer.strategy.barrier("msif_curvature")
 
     def _snapshot(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.is_global_zero:
@@ -88,5 +114,5 @@ class PretrainingSnapshot(Callback):
                                              progress=self.progress and trainer.is_global_zero,
                                              comm=current_comm(device))
         if trainer.is_global_zero:
-            self.snapshots.write_gradients(grads, names, str(self.manifest.weights.sha256))
+            self.snapshots.write_gradients(grads, names, self._weights_sha(trainer))
         trainer.strategy.barrier("msif_gradients")

@@ -8,12 +8,13 @@ Both compose the same three steps (docs/math.md, "How it is computed"):
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from .curvature import CURVATURES, Curvature
 from .data import ExampleSource
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
 from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_shared
-from .scoring import ScoreStore, cached, resolve_method, score_pass
+from .scoring import ScoreStore, agreed, cached, resolve_method, score_pass
 from .solvers import SOLVERS, solve
 
 
@@ -47,6 +48,7 @@ class _Run:
     progress: bool = False
     comm: Communicator = field(default_factory=LocalComm)
     store: Optional[ScoreStore] = None
+    factors: Optional[FactorStore] = None  # fitted curvature of the pretraining stage (a snapshot's)
     info: Dict[str, Any] = field(default_factory=dict)
     objectives: List[Objective] = field(default_factory=list)
 
@@ -86,9 +88,21 @@ class _Run:
         cross block over θ and W.
         """
         name = self._kind(stage, obj, decide_on or space)
-        kind = CURVATURES.get(name)
-        op = kind.build(obj, space, self.curvature_indices(len(obj.source)), damping=self.args.damping, shift=shift,
-                        options=self.args.curvature_options_of(name))
+        kind, options = CURVATURES.get(name), self.args.curvature_options_of(name)
+        indices = self.curvature_indices(len(obj.source))
+        key = factor_key(name, options, space, indices)
+        saved = self.factors.get(key) if self.factors is not None and stage == "pretrain" else None
+        op = None
+        if agreed(self.comm, saved is not None):
+            op = kind.from_state(obj, space, indices, damping=self.args.damping, shift=shift, options=options,
+                                 tensors=saved[0], meta=saved[1])
+        if agreed(self.comm, op is not None):
+            self.info["curvature"][stage]["factors"] = "from the pretraining snapshot"
+        else:
+            op = kind.build(obj, space, indices, damping=self.args.damping, shift=shift, options=options)
+            state = op.state()
+            if state is not None and self.factors is not None and stage == "pretrain" and self.comm.rank == 0:
+                self.factors.put(key, *state)
         if callable(getattr(op, "coverage", None)):
             self.info["curvature"][stage]["coverage"] = op.coverage()
         return op
@@ -120,6 +134,23 @@ class _Run:
             bar.close()
         self.info.setdefault("solves", {})[name] = {**info, "why": why}
         return x
+
+
+class FactorStore(Protocol):
+    """Where a fitted curvature survives between runs (implemented by the snapshot layer)."""
+
+    def get(self, key: str) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:
+        """The tensors and metadata saved under ``key``, or None."""
+
+    def put(self, key: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+        """Save a fitted curvature under ``key`` (atomically)."""
+
+
+def factor_key(name: str, options: Any, space: ParamSpace, indices: Sequence[int]) -> str:
+    """What a fitted curvature depends on besides the weights and data: its kind, options, parameters, examples."""
+    idx = list(indices)
+    text = repr([name, repr(options), list(space.names), [tuple(s) for s in space.shapes], len(idx), idx[:8], idx[-8:]])
+    return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -201,6 +232,20 @@ def per_example_gradients(model: nn.Module, data: Any, *, shared: Optional[str] 
         return _gradients(obj, space, run), names
 
 
+def fit_pretraining_curvature(model: nn.Module, data: Any, factors: FactorStore, *, shared: str,
+                              arguments: ScoreArguments, loss_fn: Optional[LossFn] = None, progress: bool = False,
+                              comm: Optional[Communicator] = None) -> Dict[str, Any]:
+    """Fit the pretraining stage's curvature over ``(θ, U)`` as ``multistage_scores`` will, and keep it in
+    ``factors`` so the finetune stage need not read the pretraining set for it; returns what was chosen."""
+    run = _Run(arguments, progress, comm or LocalComm(), factors=factors)
+    theta, rest = split_shared(model, shared, "pretraining")
+    with evaluation(model):
+        obj = run.objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "pretrain_data"), "pretraining")
+        with run.phase("pretrain_curvature"):
+            run.curvature("pretrain", obj, ParamSpace.of(obj.params, theta + rest))
+    return {**run.info["curvature"]["pretrain"], "seconds": run.info["seconds"]["pretrain_curvature"]}
+
+
 def multistage_scores(
     pretrain_model: nn.Module,
     finetune_model: nn.Module,
@@ -216,13 +261,15 @@ def multistage_scores(
     comm: Optional[Communicator] = None,
     store: Optional[ScoreStore] = None,
     pretrain_gradients: Optional[torch.Tensor] = None,
+    factors: Optional[FactorStore] = None,
 ) -> InfluenceResult:
     """Multi-stage influence for settings held in an ``InfluenceArguments`` (what the callback and CLI pass).
 
-    Losses default to cross-entropy on ``(x, y)`` batches; ``query_fn`` to the finetune loss.
+    Losses default to cross-entropy on ``(x, y)`` batches; ``query_fn`` to the finetune loss. ``factors``: a
+    fitted pretraining curvature to reuse (and where to keep one fitted now).
     """
     args = arguments
-    run = _Run(args, progress, comm or LocalComm(), store)
+    run = _Run(args, progress, comm or LocalComm(), store, factors)
     mode, alpha = args.mode, args.effective_alpha
     theta, u, w = check_same_shared(pretrain_model, finetune_model, args.shared)
     if mode == "fixed":

@@ -12,7 +12,7 @@ decorated with ``@register_curvature``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,6 +41,17 @@ class Curvature:
               shift: Optional[torch.Tensor], options: Any) -> "Curvature":
         """The operator for one stage (a subclass may fit factors from the data here)."""
         return cls(objective, space, indices, damping, shift, options)
+
+    def state(self) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:
+        """What was fitted from the data (tensors, plain metadata), for a snapshot; None when nothing was."""
+        return None
+
+    @classmethod
+    def from_state(cls, objective: Objective, space: ParamSpace, indices: Sequence[int], *, damping: float,
+                   shift: Optional[torch.Tensor], options: Any, tensors: Dict[str, torch.Tensor],
+                   meta: Dict[str, Any]) -> Optional["Curvature"]:
+        """The curvature rebuilt from ``state()``'s output without touching the data; None if it does not fit."""
+        return None
 
     @classmethod
     def cross_product(cls, objective: Objective, rows: ParamSpace, cols: ParamSpace, vectors: torch.Tensor,

@@ -296,6 +296,39 @@ class EKFACCurvature(Curvature):
         blocks = tuple(fit_blocks(objective, space, indices, options or KFACOptions(), cls.correct))
         return cls(objective, space, indices, damping, shift, options, blocks)
 
+    def state(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        tensors: Dict[str, torch.Tensor] = {}
+        blocks = []
+        for i, block in enumerate(self.blocks):
+            for key in ("q_a", "q_s", "eig"):
+                value = getattr(block, key)
+                if value is not None:
+                    tensors[f"{i}.{key}"] = value
+            blocks.append({"kind": block.kind, "names": list(block.names),
+                           "path": block.layer.path if block.layer is not None else None})
+        return tensors, {"blocks": blocks, "names": list(self.space.names)}
+
+    @classmethod
+    def from_state(cls, objective: Objective, space: ParamSpace, indices: Sequence[int], *, damping: float,
+                   shift: Optional[torch.Tensor], options: Any, tensors: Dict[str, torch.Tensor],
+                   meta: Dict[str, Any]) -> Optional["EKFACCurvature"]:
+        if list(meta.get("names", [])) != list(space.names):
+            return None
+        layers = {layer.path: layer for layer in objective.layer_map(space).layers}
+        blocks = []
+        for i, b in enumerate(meta["blocks"]):
+            layer = layers.get(b["path"]) if b["path"] is not None else None
+            if b["path"] is not None and (layer is None or sorted(layer.names) != sorted(b["names"])):
+                return None  # the model's layers are not those the factors were fitted on
+            blocks.append(Block(b["kind"], tuple(b["names"]), layer,
+                                *(tensors.get(f"{i}.{k}") for k in ("q_a", "q_s", "eig"))))
+        to = dict(device=objective.device, dtype=objective.dtype)
+        for block in blocks:
+            block.q_a = block.q_a.to(**to) if block.q_a is not None else None
+            block.q_s = block.q_s.to(**to) if block.q_s is not None else None
+            block.eig = block.eig.to(**to)
+        return cls(objective, space, indices, damping, shift, options, tuple(blocks))
+
     def coverage(self) -> Dict[str, Any]:
         """How each parameter is handled (for the run record)."""
         kinds: Dict[str, List[str]] = {}
