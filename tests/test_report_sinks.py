@@ -57,7 +57,8 @@ def test_wandb_offline_run_holds_tables_images_summary_and_artifact(tmp_path, wa
     for name in ("class_influence_mean", "class_influence_total", "most_harmful"):
         assert table(run, f"msif/{name}")["data"]
     s = summary(run)
-    assert s["msif/n_pretrain"] == 13 and s["msif/n_query"] == 5 and s["msif/solver"] == "exact"
+    assert s["msif/n_pretrain"] == 13 and s["msif/n_query"] == 5 and s["msif/solver"] == "auto"
+    assert s["msif/pretrain_solve/solver"] == "exact" and s["msif/pretrain_curvature"] == "hessian"  # what auto chose
     assert s["msif/score_histogram/_type"] == "histogram" and sum(s["msif/score_histogram/values"]) == 13 * 5
     (art,) = [a for a in artifacts(run) if a.type == "influence-scores"]
     staged = {m.path: m.local_path for m in art.manifest.contents}

@@ -109,14 +109,17 @@ class Attribution:
         m = self.manifest or {}
         info = m.get("info", {}) or {}
         out: Dict[str, Any] = {"n_pretrain": self.n, "n_query": self.k}
-        for key in ("mode", "alpha", "damping", "solver", "hessian_samples", "world_size"):
+        for key in ("mode", "alpha", "damping", "curvature", "solver", "hessian_samples", "world_size"):
             if key in m:
                 out[key] = m[key]
         out["scoring"] = info.get("scoring")
+        for stage, chosen in (info.get("curvature") or {}).items():  # what "auto" chose, per stage
+            out[f"{stage}_curvature"] = chosen.get("name")
         for phase, secs in (info.get("seconds") or {}).items():
             out[f"seconds/{phase}"] = secs
         for name, solve in (info.get("solves") or {}).items():
-            for key in ("iterations", "relative_residual", "converged", "min_eigenvalue", "max_eigenvalue", "scale"):
+            for key in ("solver", "iterations", "relative_residual", "converged", "min_eigenvalue", "max_eigenvalue",
+                        "scale"):
                 if key in solve:
                     out[f"{name}_solve/{key}"] = solve[key]
         if "peak_memory_mb" in info:
