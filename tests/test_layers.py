@@ -113,3 +113,35 @@ def test_auto_falls_back_to_hooks_and_says_so():
     ref = torch.stack([torch.cat([p.reshape(-1) for p in torch.autograd.grad(
         F.cross_entropy(model(data[i][0][None]), data[i][1][None]), list(model.parameters()))]) for i in range(10)])
     torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+
+
+class PositionEmbedded(nn.Module):
+    """Token plus position embeddings, the positions' ids ``[1, T]`` shared by the batch (as Hugging Face does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(6, 4)
+        self.positions = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)  # [1, T]
+        return self.head(torch.tanh(self.tokens(ids) + self.positions(pos)).mean(1))
+
+
+def test_a_layer_called_on_batch_less_inputs_stays_exact():
+    """Its output gradient sums the batch; the hooks hand on the output expanded to the batch instead, so each
+    example's gradient is exact without a per-example loop."""
+    torch.manual_seed(0)
+    model = PositionEmbedded().double()
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randint(0, 6, (7, 5), generator=g), torch.randint(0, 2, (7,), generator=g))
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    names = [n for n, _ in model.named_parameters()]
+    hooks = Objective(model, loss, ExampleSource(DataLoader(data, batch_size=3), "data"), "training", gradients="hooks")
+    space = ParamSpace.of(hooks.params, names)
+    got = hooks.gradients(space)
+    lmap = hooks.layer_map(space)
+    assert lmap.broadcast == {"positions"} and lmap.leftover == []
+    func = Objective(model, loss, ExampleSource(data, "data"), "training", gradients="func")
+    torch.testing.assert_close(got, func.gradients(space), rtol=1e-10, atol=1e-12)

@@ -38,7 +38,7 @@ def test_default_options_give_finite_batching_invariant_scores(kind, mode):
     assert coverage["kronecker"] >= 3  # every Linear / Conv2d / Conv1D layer is Kronecker-factored
     if kind != "resnet":
         assert "module hooks" in info["per_example_gradients"]["pretraining"]  # HF's mask code defeats vmap
-        assert any("position" in n or "wpe" in n for n in coverage["diagonal"])  # broadcast position embeddings
+        assert coverage["embedding"] >= 2 and coverage["leftover"] == []  # position embeddings too (expanded)
 
 
 def test_single_stage_on_bert():
@@ -75,4 +75,4 @@ def test_callbacks_with_default_options_on_lightning_modules(tmp_path, kind, mod
     assert cb.info["curvature"]["pretrain"]["factors"] == "from the pretraining snapshot"  # not refitted
     ref = multistage_influence(pre, fine, pre_dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone",
                                loss_fn=lambda m, b: m.per_example_loss(b), **settings)
-    assert rel_err(cb.scores, ref) <= 1e-5
+    assert rel_err(cb.scores, ref) <= 1e-4  # float32 modules: factors summed over other batches

@@ -80,6 +80,7 @@ class LayerMap:
             self.layers.append(Layer(path, module, kind, weight, bias))
             covered.update(n for n in (weight, bias) if n is not None)
         self.leftover: List[str] = [n for n in names if n not in covered]
+        self.broadcast: set = set()  # layers called without the batch dimension, expanded by the hooks
 
     def exclude(self, paths: Sequence[str]) -> None:
         """Hand the layers at ``paths`` to the leftovers (e.g. called on inputs shared across the batch)."""
@@ -87,7 +88,26 @@ class LayerMap:
         self.layers = [layer for layer in self.layers if layer.path not in set(paths)]
         self.leftover.extend(n for layer in dropped for n in layer.names)
 
-    def shared_calls(self, model: nn.Module, run: Callable[[], Any], batch_size: int) -> List[str]:
+    def settle(self, run: Callable[[], torch.Tensor], batch_size: int) -> None:
+        """Find the layers ``run()`` calls without the batch dimension; keep them covered (expanded by the hooks)
+        when that leaves ``run()``'s per-example losses unchanged, else hand them to the leftovers."""
+        shared = self.shared_calls(run, batch_size)
+        if not shared:
+            return
+        with torch.no_grad():
+            plain = run()
+            self.broadcast = set(shared)
+            try:
+                with Capture(self, batch_size):
+                    expanded = run()
+                same = expanded.shape == plain.shape and torch.allclose(expanded, plain, rtol=1e-6, atol=1e-7)
+            except RuntimeError:
+                same = False
+        if not same:
+            self.broadcast = set()
+            self.exclude(shared)
+
+    def shared_calls(self, run: Callable[[], Any], batch_size: int) -> List[str]:
         """Paths of covered layers that ``run()`` calls on inputs without the batch dimension (broadcast later,
         e.g. position embeddings of ``[1, T]`` ids): their output gradient sums the examples, so hooks cannot
         separate them."""
@@ -127,9 +147,15 @@ class Call:
 
 @dataclass
 class Capture:
-    """Forward/gradient hooks on the covered layers for the duration of a ``with`` block."""
+    """Forward/gradient hooks on the covered layers for the duration of a ``with`` block.
+
+    A layer in ``layers.broadcast`` is called on an input without the batch dimension (position ids ``[1, T]``)
+    and its output broadcast over the batch later: its hook hands on the output expanded to ``batch_size``
+    (the same values), so the gradient arriving there is per example.
+    """
 
     layers: LayerMap
+    batch_size: Optional[int] = None
     calls: Dict[str, List[Call]] = field(default_factory=dict)
     _handles: List[Any] = field(default_factory=list)
 
@@ -147,16 +173,24 @@ class Capture:
         self.calls.clear()
 
     def _hook(self, layer: Layer) -> Callable:
-        def forward(module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> None:
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
-            call = Call(_saved_input(layer, inputs[0]))
+        def forward(module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> Any:
+            if not isinstance(output, torch.Tensor):
+                return None
+            x = inputs[0]
+            expand = layer.path in self.layers.broadcast and self.batch_size is not None and output.shape[0] == 1
+            if expand:
+                output = output.expand(self.batch_size, *output.shape[1:])
+                x = x.expand(self.batch_size, *x.shape[1:])
+            if not output.requires_grad:
+                return output if expand else None
+            call = Call(_saved_input(layer, x))
             self.calls.setdefault(layer.path, []).append(call)
 
             def keep(grad: torch.Tensor, call: Call = call) -> None:
                 call.grad = grad.detach()
 
             output.register_hook(keep)
+            return output if expand else None
 
         return forward
 
@@ -203,7 +237,7 @@ def example_grads(layer: Layer, calls: Sequence[Call]) -> Dict[str, torch.Tensor
         if layer.kind in KRONECKER_KINDS:
             a, g = tokens(layer, call)
             if layer.weight is not None:
-                w = torch.einsum("bto,bti->boi", g, a)
+                w = torch.bmm(g.transpose(1, 2), a)  # [B, out, in]
                 if layer.kind == "conv1d":
                     w = w.transpose(1, 2)
                 add(layer.weight, w.reshape(w.shape[0], *m.weight.shape))

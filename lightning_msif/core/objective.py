@@ -120,6 +120,17 @@ class Objective:
         full = {"model." + k: v for k, v in {**self.params, **params}.items()}
         return functional_call(_Outputs(self.bound.model, self.task), full, (batch,))
 
+    def _uniforms(self, idx: torch.Tensor, per: int, seed: int) -> torch.Tensor:
+        return torch.stack([torch.rand(per, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)),
+                                       dtype=torch.float64) for i in idx])
+
+    def sampled_losses(self, params: Params, batch: Any, idx: torch.Tensor, seed: int) -> torch.Tensor:
+        """Per-example losses of the task at labels drawn from the model's own outputs, in one forward pass: the
+        gradients of the true Fisher. Each example's draw depends only on ``seed`` and its dataset index."""
+        out = self.outputs(params, batch)
+        labels = self.task.sample_labels(out.detach(), batch, self._uniforms(idx, out[0, ..., 0].numel(), seed))
+        return self.task.output_loss(out, batch, labels=labels)
+
     @torch.no_grad()
     def relabelled(self, batch: Any, idx: torch.Tensor, seed: int) -> Any:
         """``batch`` with labels drawn from the model's own predictive distribution (the true Fisher's data).
@@ -127,10 +138,8 @@ class Objective:
         Each example's draw depends only on ``seed`` and its dataset index: not on batching or processes.
         """
         out = self.outputs({}, batch)
-        per = out[0, ..., 0].numel()
-        u = torch.stack([torch.rand(per, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)),
-                                    dtype=torch.float64) for i in idx])
-        return self.task.with_labels(batch, self.task.sample_labels(out, batch, u))
+        return self.task.with_labels(batch, self.task.sample_labels(out, batch, self._uniforms(idx, out[0, ..., 0].numel(),
+                                                                                                seed)))
 
     def _check(self, batch: Any, idx: torch.Tensor) -> None:
         """Once per objective: the loss is per-example and finite on a real batch."""
@@ -194,7 +203,7 @@ class Objective:
             lmap = LayerMap(self.bound.model, space.names)
             batch, _ = next(self.source.batches([0, 1][: len(self.source)]))
             batch = to_device(batch, self.device, self.dtype)
-            lmap.exclude(lmap.shared_calls(self.bound.model, lambda: self.losses({}, batch), batch_size_of(batch)))
+            lmap.settle(lambda: self.losses({}, batch), batch_size_of(batch))
             self._layer_maps[space.names] = lmap
         return self._layer_maps[space.names]
 
@@ -208,7 +217,7 @@ class Objective:
         lmap = self.layer_map(space)
         leaves = {n: self.params[n].detach().clone().requires_grad_(True) for n in space.names}
         loss_of = loss_of or self.losses
-        capture = Capture(lmap)
+        capture = Capture(lmap, batch_size_of(batch))
         with capture, torch.enable_grad():
             losses = loss_of(leaves, batch)
             total = (losses * weights).sum() if weights is not None else losses.sum()

@@ -3,7 +3,7 @@
 A curvature is a linear operator ``V ↦ (C + diag(shift) + λI) V`` over a set of examples of one
 stage, where ``C`` approximates (or is) the Hessian of that stage's mean loss. Solvers see only this
 class: ``matmat``, ``dense`` (explicit matrix, small models), ``restricted`` (the same curvature over
-other examples: mini-batch sampling), ``examples``, ``batch_size``, ``dim``, ``damping`` and ``role``
+other examples: mini-batch sampling), ``examples``, ``dim``, ``damping`` and ``role``
 (for messages). A curvature with a closed-form inverse also defines ``inverse_matmat``.
 
 A new curvature is one subclass with a ``name``, an ``Options`` dataclass, ``build`` and ``apply``,
@@ -82,11 +82,6 @@ class Curvature:
     @property
     def examples(self) -> Sequence[int]:
         return self.indices
-
-    @property
-    def batch_size(self) -> int:
-        """The data's own batch size: the default curvature mini-batch of stochastic solvers."""
-        return self.objective.source.batch_size
 
     def restricted(self, indices: Sequence[int]) -> "Curvature":
         """The same curvature over other examples (a mini-batch)."""

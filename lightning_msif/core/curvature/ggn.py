@@ -74,7 +74,7 @@ class GaussNewtonCurvature(Curvature):
 
 def _check_task_matches_loss(obj: Objective, indices: Sequence[int]) -> None:
     """The task's loss of the outputs is the objective's loss, on the first batch: else ``G`` is another loss's."""
-    batch, idx = next(obj.batches(list(indices)[: obj.source.batch_size], shard=False))
+    batch, idx = next(obj.batches(indices[: obj.source.batch_size], shard=False))
     with torch.no_grad():
         task_loss = obj.task.output_loss(obj.outputs({}, batch), batch)
         loss = obj.losses({}, batch)
@@ -87,5 +87,5 @@ def _check_task_matches_loss(obj: Objective, indices: Sequence[int]) -> None:
             f"curvature='ggn' differentiates the {obj.role} loss as a function of the model's outputs, taken from "
             f"its task ({type(obj.task).__name__}: softmax cross-entropy of the logits unless given), but that "
             f"loss differs from the {obj.role} loss at dataset indices {idx[bad][:5].tolist()}. Use "
-            "curvature='hessian' for this loss, or give a Task whose output_loss is it."
+            "curvature='hessian' for this loss, or pass task=<a lightning_msif Task> whose output_loss is it."
         )

@@ -141,25 +141,29 @@ class _Fit:
             self.blocks.append(Block("diagonal", tuple(self.diagonal)))
         self.examples = 0
 
-    def batch(self, batch: Any, idx: torch.Tensor) -> Any:
+    def backward(self, batch: Any, idx: torch.Tensor) -> Tuple[Any, Params]:
+        """One hooked backward pass of the Fisher's losses (sampled labels for the true Fisher, in one forward)."""
         if self.options.fisher == "true":
-            return self.obj.relabelled(batch, idx, self.options.fisher_seed)
-        return batch
+            seed = self.options.fisher_seed
+            return self.obj.hooked_backward(self.space, batch, lambda p, b: self.obj.sampled_losses(p, b, idx, seed))
+        return self.obj.hooked_backward(self.space, batch)
 
-    def grads(self, batch: Any) -> Tuple[Any, Params]:
+    def grads(self, batch: Any, idx: torch.Tensor) -> Tuple[Any, Params]:
         """The hooks of one backward pass, and the per-example gradients of the diagonal block's parameters."""
-        capture, leaves = self.obj.hooked_backward(self.space, batch)
+        capture, leaves = self.backward(batch, idx)
         diag: Params = {}
         wanted = set(self.diagonal)
         for layer, calls in iterate_calls(capture):
             if set(layer.names) & wanted:
                 diag.update({n: g for n, g in example_grads(layer, calls).items() if n in wanted})
         left = self.lmap.leftover
-        if left:
+        if left:  # one backward pass per example, at the same labels
             b = batch_size_of(batch)
+            labelled = self.obj.relabelled(batch, idx, self.options.fisher_seed) if self.options.fisher == "true" \
+                else batch
             with torch.enable_grad():
                 diag.update(leftover_grads(lambda one: self.obj.losses(leaves, one), {n: leaves[n] for n in left}, b,
-                                           lambda i: slice_batch(batch, i, i + 1)))
+                                           lambda i: slice_batch(labelled, i, i + 1)))
         for n in self.diagonal:  # parameters this batch's graph did not reach
             diag.setdefault(n, self.obj.params[n].new_zeros(batch_size_of(batch), *self.obj.params[n].shape))
         return capture, diag
@@ -168,8 +172,9 @@ class _Fit:
         return self.obj.comm.all_reduce_sum(t)
 
 
-def _layer_matrix_grads(block: Block, calls: Sequence[Any]) -> Optional[torch.Tensor]:
-    """``[B, out, in']``: each example's gradient of a Kronecker layer as a matrix (summed over its calls)."""
+def _rotated_layer_grads(block: Block, calls: Sequence[Any]) -> Optional[torch.Tensor]:
+    """``[B, out, in']``: each example's gradient of a Kronecker layer in the block's eigenbasis, ``Q_Sᵀ G Q_A``
+    (summed over the layer's calls), by whichever order of products is cheaper for its sizes."""
     total = None
     for call in calls:
         if call.grad is None:
@@ -177,7 +182,11 @@ def _layer_matrix_grads(block: Block, calls: Sequence[Any]) -> Optional[torch.Te
         a, g = tokens(block.layer, call)
         if block.layer.bias is not None:
             a = _with_ones(a)
-        m = torch.einsum("bto,bti->boi", g, a)
+        t, n_out, n_in = a.shape[1], g.shape[-1], a.shape[-1]
+        if t * (n_out * n_out + n_in * n_in) < t * n_out * n_in + n_out * n_in * (n_out + n_in):
+            m = torch.bmm((g @ block.q_s).transpose(1, 2), a @ block.q_a)  # rotate the tokens, then contract
+        else:
+            m = block.q_s.T @ torch.bmm(g.transpose(1, 2), a) @ block.q_a  # contract, then rotate
         total = m if total is None else total + m
     return total
 
@@ -199,8 +208,7 @@ def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], 
         sums[i][key] = value if key not in sums[i] else sums[i][key] + value
 
     for batch, idx in objective.batches(indices):
-        batch = fit.batch(batch, idx)
-        capture, diag = fit.grads(batch)
+        capture, diag = fit.grads(batch, idx)
         fit.examples += len(idx)
         for i, block in enumerate(fit.blocks):
             if block.kind == "diagonal":
@@ -212,10 +220,10 @@ def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], 
                 if block.kind == "kronecker":
                     a, g = tokens(block.layer, call)
                     a = _with_ones(a) if block.layer.bias is not None else a
-                    a, g = a.to(dt), g.to(dt)
-                    add(i, "A", torch.einsum("bti,btj->ij", a, a))
-                    add(i, "S", torch.einsum("bto,btp->op", g, g))
-                    add(i, "positions", torch.tensor(float(a.shape[0] * a.shape[1])))
+                    a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+                    add(i, "A", a.T @ a)  # products in the data's precision, sums in covariance_dtype
+                    add(i, "S", g.T @ g)
+                    add(i, "positions", torch.tensor(float(a.shape[0])))
                 else:  # embedding: one-hot inputs, so Ā is the token counts
                     ids, g = call.inputs.reshape(-1), call.grad.reshape(-1, call.grad.shape[-1]).to(dt)
                     keep = ids != block.layer.module.padding_idx if block.layer.module.padding_idx is not None \
@@ -264,14 +272,18 @@ def _correct(fit: _Fit, objective: Objective, indices: Sequence[int], n: float) 
     if not targets:
         return
     for batch, idx in objective.batches(indices):
-        capture, _ = objective.hooked_backward(fit.space, fit.batch(batch, idx))
+        capture, _ = fit.backward(batch, idx)
         for i in targets:
             block = fit.blocks[i]
             calls = capture.calls.get(block.layer.path, [])
-            g = _layer_matrix_grads(block, calls) if block.kind == "kronecker" else _embedding_grads(block, calls)
+            if block.kind == "kronecker":
+                g = _rotated_layer_grads(block, calls)
+            else:
+                g = _embedding_grads(block, calls)
+                g = block.rotate(g) if g is not None else None
             if g is None:
                 continue
-            value = block.rotate(g).pow(2).sum(0).to(dt)
+            value = g.pow(2).sum(0).to(dt)
             sums[i] = value if i not in sums else sums[i] + value
     for i in targets:
         block = fit.blocks[i]
@@ -388,22 +400,18 @@ class EKFACCurvature(Curvature):
     @classmethod
     def cross_product(cls, objective: Objective, rows: ParamSpace, cols: ParamSpace, vectors: torch.Tensor,
                       indices: Sequence[int], options: Any) -> torch.Tensor:
-        """The Fisher cross block ``F_rows,cols V = (1/m) Σ_x g_rows(x) (g_cols(x) · v)``: for each right-hand side,
-        the ``rows``-gradient of the weighted loss ``Σ_x c_x ℓ(x)`` with ``c_x = g_cols(x) · v`` held constant."""
+        """The Fisher cross block ``F_rows,cols V = (1/m) Σ_x g_rows(x) (g_cols(x) · v)``, exactly: per-example
+        gradients of both sets in one pass (chunked), one matrix product per chunk for all right-hand sides."""
         options = options or KFACOptions()
         out = torch.zeros(vectors.shape[0], rows.dim, device=vectors.device, dtype=vectors.dtype)
+        both = ParamSpace(rows.names + cols.names, rows.shapes + cols.shapes)
+        step = objective.chunk_for(both)
         for batch, idx in objective.batches(indices):
             if options.fisher == "true":
                 batch = objective.relabelled(batch, idx, options.fisher_seed)
-            c = objective.per_example_grads(cols, batch) @ vectors.T  # [B, k]
-            leaves = {n: objective.params[n].detach().clone().requires_grad_(True) for n in rows.names}
-            with torch.enable_grad():
-                losses = objective.losses(leaves, batch)
-                for j in range(vectors.shape[0]):
-                    grads = torch.autograd.grad((losses * c[:, j].detach()).sum(), list(leaves.values()),
-                                                retain_graph=j + 1 < vectors.shape[0], allow_unused=True)
-                    out[j] += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                         for g, p in zip(grads, leaves.values())])
+            for start in range(0, len(idx), step):
+                g = objective.per_example_grads(both, slice_batch(batch, start, start + step))  # [b, rows + cols]
+                out += (g[:, rows.dim:] @ vectors.T).T @ g[:, :rows.dim]
         return objective.comm.all_reduce_sum(out) / len(indices)
 
 
