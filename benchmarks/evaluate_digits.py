@@ -5,7 +5,8 @@ digits 0–4 with 5% of the labels corrupted, finetune a new head on digits 5–
 both stages solved to max |gradient| ≤ 1e-9 with an L2 penalty λ that is also the influence damping.
 Printed: the settings, the table (leave-one-out Pearson/Spearman of ``−S/n`` with the measured loss
 changes over all (removed example, query) pairs; LDS mean ± std over seeds) and the wall time of the
-evaluation; then the same evaluation with a second solver, whose retraining runs all come from the cache.
+evaluation; then the same evaluation with a second solver and with other curvatures (Gauss-Newton, K-FAC,
+EK-FAC), whose retraining runs all come from the cache.
 
 Run: ``.venv/bin/python benchmarks/evaluate_digits.py`` (about three minutes on 2 cores), ``--procs 2``
 to share the retraining runs between two processes (gloo), ``--quick`` for a smoke run.
@@ -49,11 +50,14 @@ def run(rank: int, args: argparse.Namespace, port: int) -> None:
     lds = LDSConfig(subsets=args.subsets, fraction=args.fraction, seeds=list(range(args.seeds)))
     config = EvaluationConfig(out_dir=args.out, loo=LOOConfig(examples=args.loo), lds=lds, warm_start=not args.cold,
                               progress=False)
-    for solver in (args.solver, args.second_solver):
+    runs = [("hessian", args.solver), ("hessian", args.second_solver)]
+    runs += [tuple(r.split(":")) for r in args.curvatures.split(",") if r]  # type: ignore[misc]
+    for i, (curvature, solver) in enumerate(runs):
         start = time.perf_counter()
-        result = evaluate(recipe, config, solver=solver)
-        say(f"solver={solver}: {time.perf_counter() - start:.1f} s, retraining runs: {result.retrained} trained, "
-            f"{result.reused} from the cache")
+        methods = {} if i == 0 else {"methods": ["multistage"]}  # the baselines do not change with the curvature
+        result = evaluate(recipe, config, solver=solver, curvature=curvature, **methods)
+        say(f"curvature={curvature} solver={solver}: {time.perf_counter() - start:.1f} s, retraining runs: "
+            f"{result.retrained} trained, {result.reused} from the cache")
         say(result.table() + "\n")
     say(f"files: {args.out}/evaluation.html, evaluation.csv, loo_scatter.png")
     if args.procs > 1:
@@ -75,6 +79,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--queries", type=int, default=None, help="first Q finetune validation examples (default all)")
     ap.add_argument("--solver", default="exact", help="solver of the first evaluation")
     ap.add_argument("--second-solver", default="cg", help="solver of the second evaluation (reuses every retrain)")
+    ap.add_argument("--curvatures", default="ggn:exact,kfac:direct,ekfac:direct",
+                    help="more evaluations of the multistage scores, curvature:solver, comma-separated (cached retrains)")
     ap.add_argument("--cold", action="store_true", help="retrain from the seed's initialisation, not warm")
     ap.add_argument("--procs", type=int, default=1, help="processes sharing the retraining runs (gloo)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest for this size)")

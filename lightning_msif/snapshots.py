@@ -255,7 +255,8 @@ class SnapshotDir:
         path = folder / self.MANIFEST
         if not path.exists():
             callback = {"pretrain": "PretrainingSnapshot", "finetune": "MultiStageInfluence"}.get(stage, "its callback")
-            hint = f"run the {stage} stage with {callback}(snapshot_dir=...) first, or point snapshot_dir at the folder it wrote"
+            hint = (f"run the {stage} stage with {callback}(snapshot_dir=...) first, or point snapshot_dir at the "
+                    "folder it wrote")
             raise MSIFError(f"No {stage} snapshot in {folder}: {hint}.")
         manifest = OmegaConf.load(path)
         version = manifest.get("format_version")

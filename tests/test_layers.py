@@ -70,7 +70,8 @@ def test_hooks_equal_torch_func_on_every_layer_kind():
     loader = DataLoader(_data(), batch_size=4)
     names = [n for n, _ in model.named_parameters()]
     lmap = LayerMap(model, names)
-    assert {layer.kind for layer in lmap.layers} == {"conv2d", "batchnorm", "embedding", "layernorm", "conv1d", "linear"}
+    kinds = {"conv2d", "batchnorm", "embedding", "layernorm", "conv1d", "linear"}
+    assert {layer.kind for layer in lmap.layers} == kinds
     assert lmap.leftover == ["scale"]
     obj_func = Objective(model, _loss, ExampleSource(loader, "data"), "training", gradients="func")
     obj_hooks = Objective(model, _loss, ExampleSource(loader, "data"), "training", gradients="hooks")

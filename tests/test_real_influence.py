@@ -57,7 +57,9 @@ def test_callbacks_with_default_options_on_lightning_modules(tmp_path, kind, mod
     from lightning_msif import MultiStageInfluence, PretrainingSnapshot, load_pretrained, multistage_influence
 
     def module(classes: int, **kw):
-        return HFClassifierModule(kind, classes=classes, **kw) if kind == "bert" else ResNetModule(classes=classes, **kw)
+        if kind == "bert":
+            return HFClassifierModule(kind, classes=classes, **kw)
+        return ResNetModule(classes=classes, **kw)
 
     def data(classes: int, seed: int):
         return TokenDataModule(classes=classes, seed=seed) if kind == "bert" else ImageDataModule(classes=classes,

@@ -22,7 +22,7 @@ import wandb
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_msif import MultiStageInfluence, SnapshotDir, register_configs
+from lightning_msif import SnapshotDir, register_configs
 from lightning_msif.demo import DigitsClassifier, DigitsDataModule, DigitsDataset
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -1,12 +1,38 @@
-"""What both stages' callbacks do the same way: find the training data, refuse unsupported strategies."""
+"""What both stages' callbacks do the same way: state, the training data, refusing unsupported strategies."""
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Dict
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from ..errors import MSIFError
+from ..snapshots import SnapshotDir
+
+
+class StageCallback(Callback):
+    """What both stages' callbacks share: their snapshot folder, a state key and a small ``state_dict``."""
+
+    STAGE = ""
+    snapshots: SnapshotDir
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.snapshots.root
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(stage=self.STAGE, snapshot_dir=str(self.snapshot_dir))
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"stage": self.STAGE, "snapshot_dir": str(self.snapshot_dir)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if state_dict.get("stage", self.STAGE) != self.STAGE:
+            raise MSIFError(f"This checkpoint holds a {state_dict['stage']!r}-stage callback, not a {self.STAGE!r} one: "
+                            "give each Trainer its own stage's callback.")
 
 
 def train_loader(trainer: "pl.Trainer") -> Any:

@@ -12,7 +12,6 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader
@@ -28,10 +27,10 @@ from ..reports.render import Renderer
 from ..resolve import QUERY_SPLITS, identity_of, pretraining_side, query_loader
 from ..scoring_job import ScoringInputs, run_scoring
 from ..snapshots import SnapshotDir, check_shared
-from .common import check_strategy, train_loader
+from .common import StageCallback, check_strategy, train_loader
 
 
-class MultiStageInfluence(Callback):
+class MultiStageInfluence(StageCallback):
     """Trace a finetuned model's predictions back to the pretraining examples that caused them.
 
     Give the finetuning ``Trainer`` this callback and the pretraining one a ``PretrainingSnapshot`` with the
@@ -45,6 +44,8 @@ class MultiStageInfluence(Callback):
     ``query`` is ``"val"``, ``"test"`` or a DataLoader. The pretraining data and module are rebuilt from the
     snapshot's records unless ``pretrain_data`` / ``pretrain_model`` are given.
     """
+
+    STAGE = "finetune"
 
     def __init__(
         self,
@@ -87,26 +88,14 @@ class MultiStageInfluence(Callback):
         self.render = render
         self.report = report
         self.progress = progress
-        self.scores: Optional[torch.Tensor] = None
+        self.scores: Optional[torch.Tensor] = None  # on global rank 0, after finetuning
         self.info: Dict[str, Any] = {}
         self._pretrain_class_names: Optional[List[str]] = None
         self._theta_hat: Dict[str, torch.Tensor] = {}
         self._pretrain_manifest: Any = None
 
-    @property
-    def snapshot_dir(self) -> Any:
-        return self.snapshots.root
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(stage="finetune", snapshot_dir=str(self.snapshot_dir))
-
     def state_dict(self) -> Dict[str, Any]:
-        return {"stage": "finetune", "snapshot_dir": str(self.snapshot_dir), "scored": self.scores is not None}
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if state_dict.get("stage", "finetune") != "finetune":
-            raise MSIFError(f"This checkpoint holds a {state_dict['stage']!r}-stage callback, not MultiStageInfluence's.")
+        return {**super().state_dict(), "scored": self.scores is not None}
 
     @staticmethod
     def load_scores(snapshot_dir: PathLike) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 
 from ..atomic import PathLike
 from ..core.arguments import InfluenceArguments
@@ -21,10 +20,10 @@ from ..core.objective import LossFn, module_loss
 from ..distributed import current_comm
 from ..errors import MSIFError
 from ..snapshots import SnapshotDir
-from .common import check_strategy, train_loader
+from .common import StageCallback, check_strategy, train_loader
 
 
-class PretrainingSnapshot(Callback):
+class PretrainingSnapshot(StageCallback):
     """Snapshot the pretraining stage for ``MultiStageInfluence`` (same ``snapshot_dir`` and ``shared``).
 
     ``shared``: name prefix of the embedding θ the finetune model reuses (``backbone`` → ``backbone.*``).
@@ -33,6 +32,8 @@ class PretrainingSnapshot(Callback):
     ``InfluenceArguments``; give the finetune stage the same ones and it reuses the fitted curvature
     (otherwise it fits its own, and says so in the run record). ``fit_curvature=False`` skips that step.
     """
+
+    STAGE = "pretrain"
 
     def __init__(self, snapshot_dir: PathLike, shared: str = "backbone", *, loss_fn: Optional[LossFn] = None,
                  curvature: str = "auto", curvature_options: Optional[Dict[str, Any]] = None,
@@ -55,17 +56,6 @@ class PretrainingSnapshot(Callback):
         self.progress = progress
         self.manifest: Any = None  # the last manifest written (rank 0)
         self.curvature_info: Dict[str, Any] = {}  # what was fitted at the end of fit, and why
-
-    @property
-    def snapshot_dir(self) -> Any:
-        return self.snapshots.root
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(stage="pretrain", snapshot_dir=str(self.snapshot_dir))
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"stage": "pretrain", "snapshot_dir": str(self.snapshot_dir)}
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":

@@ -17,17 +17,8 @@ from torch.func import grad, jvp, vjp, vmap
 from ...errors import MSIFError
 from ..objective import Objective
 from ..params import Params, ParamSpace
-from ..registry import positive_int
 from .base import Curvature, register_curvature
-
-
-@dataclass(frozen=True)
-class GaussNewtonOptions:
-    rhs_chunk_size: Optional[int] = 32  # right-hand sides vectorised at once in one Gauss-Newton-vector product
-
-    def __post_init__(self) -> None:
-        if self.rhs_chunk_size is not None:
-            positive_int(self, "rhs_chunk_size")
+from .hessian import HessianOptions
 
 
 @register_curvature
@@ -36,7 +27,7 @@ class GaussNewtonCurvature(Curvature):
     """``G V`` by ``Jᵀ (Λ (J V))``: one ``jvp`` and one ``vjp`` of the model, one HVP of the output loss."""
 
     name = "ggn"
-    Options = GaussNewtonOptions
+    Options = HessianOptions  # the same option: right-hand sides vectorised at once
 
     @classmethod
     def build(cls, objective: Objective, space: ParamSpace, indices: Sequence[int], *, damping: float,
@@ -46,7 +37,7 @@ class GaussNewtonCurvature(Curvature):
 
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
         obj, space = self.objective, self.space
-        chunk = self.options.rhs_chunk_size if self.options is not None else GaussNewtonOptions.rhs_chunk_size
+        chunk = self.options.rhs_chunk_size if self.options is not None else HessianOptions.rhs_chunk_size
         base = {n: obj.params[n] for n in space.names}
         total = torch.zeros_like(vectors)
         for batch, _ in obj.batches(self.indices):
