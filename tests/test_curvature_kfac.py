@@ -240,3 +240,20 @@ def test_fitted_factors_round_trip_through_a_snapshot_and_are_refused_for_other_
     other = ParamSpace.of(obj.params, names[:2])
     assert EKFACCurvature.from_state(obj, other, range(len(data)), damping=0.1, shift=None, options=EMPIRICAL,
                                      tensors=tensors, meta=meta) is None  # fitted on other parameters
+
+
+def test_true_fisher_cross_block_is_the_gauss_newton_cross_block():
+    """For softmax cross-entropy the expected Fisher over the model's labels is the Gauss-Newton matrix; the
+    cross block sums over the labels in closed form, so it equals GGN's (no sampling noise)."""
+    from lightning_msif.core.curvature import GaussNewtonCurvature
+    from lightning_msif.core.curvature.hessian import HessianOptions
+
+    model, data, names = _net()
+    obj = _objective(model, data)
+    rows = ParamSpace.of(obj.params, [n for n in names if n.startswith("backbone")])
+    cols = ParamSpace.of(obj.params, [n for n in names if n.startswith("head")])
+    v = torch.randn(3, cols.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with evaluation(model):
+        fisher = EKFACCurvature.cross_product(obj, rows, cols, v, range(len(data)), KFACOptions())
+        ggn = GaussNewtonCurvature.cross_product(obj, rows, cols, v, range(len(data)), HessianOptions())
+    assert rel_err(fisher, ggn) <= 1e-10

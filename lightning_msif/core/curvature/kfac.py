@@ -36,6 +36,7 @@ from ..params import Params, ParamSpace
 from .base import Curvature, register_curvature
 
 FISHERS = ("true", "empirical")
+EXACT_LABELS = 32  # the Fisher cross block sums over the labels in closed form up to this many classes
 HEURISTIC_DAMPING = 0.1
 """With no damping given (λ = 0), each block is damped by this × its mean eigenvalue: an unconverged model's
 Fisher has (near-)zero eigenvalues, e.g. vocabulary rows no example uses. kronfluence uses the same heuristic."""
@@ -400,18 +401,39 @@ class EKFACCurvature(Curvature):
     @classmethod
     def cross_product(cls, objective: Objective, rows: ParamSpace, cols: ParamSpace, vectors: torch.Tensor,
                       indices: Sequence[int], options: Any) -> torch.Tensor:
-        """The Fisher cross block ``F_rows,cols V = (1/m) Σ_x g_rows(x) (g_cols(x) · v)``, exactly: per-example
-        gradients of both sets in one pass (chunked), one matrix product per chunk for all right-hand sides."""
+        """The Fisher cross block ``F_rows,cols V = (1/m) Σ_x g_rows(x) (g_cols(x) · v)``: per-example gradients of
+        both sets in one pass per label (chunked), one matrix product per chunk for all right-hand sides.
+
+        True Fisher with one label per example and at most ``EXACT_LABELS`` classes: the expectation over the
+        model's labels in closed form, ``Σ_c p_c(x) g(x, c) g(x, c)ᵀ`` (one pass per class, no sampling noise:
+        this block is what the fixed mode's score depends on most directly); else one drawn label per example.
+        """
         options = options or KFACOptions()
         out = torch.zeros(vectors.shape[0], rows.dim, device=vectors.device, dtype=vectors.dtype)
         both = ParamSpace(rows.names + cols.names, rows.shapes + cols.shapes)
         step = objective.chunk_for(both)
-        for batch, idx in objective.batches(indices):
-            if options.fisher == "true":
-                batch = objective.relabelled(batch, idx, options.fisher_seed)
-            for start in range(0, len(idx), step):
+
+        def add(batch: Any, weights: Optional[torch.Tensor]) -> None:
+            for start in range(0, batch_size_of(batch), step):
                 g = objective.per_example_grads(both, slice_batch(batch, start, start + step))  # [b, rows + cols]
-                out += (g[:, rows.dim:] @ vectors.T).T @ g[:, :rows.dim]
+                c = g[:, rows.dim:] @ vectors.T  # [b, k]
+                if weights is not None:
+                    c = c * weights[start:start + step, None]
+                out.add_(c.T @ g[:, :rows.dim])
+
+        for batch, idx in objective.batches(indices):
+            if options.fisher != "true":
+                add(batch, None)
+                continue
+            with torch.no_grad():
+                logits = objective.outputs({}, batch)
+            if logits.dim() == 2 and logits.shape[1] <= EXACT_LABELS:
+                probs = torch.softmax(logits.double(), -1).to(out.dtype)
+                labels = objective.task.labels_of(batch)
+                for c in range(logits.shape[1]):
+                    add(objective.task.with_labels(batch, torch.full_like(labels, c)), probs[:, c])
+            else:
+                add(objective.relabelled(batch, idx, options.fisher_seed), None)
         return objective.comm.all_reduce_sum(out) / len(indices)
 
 
