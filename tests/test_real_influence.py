@@ -78,3 +78,18 @@ def test_callbacks_with_default_options_on_lightning_modules(tmp_path, kind, mod
     ref = multistage_influence(pre, fine, pre_dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone",
                                loss_fn=lambda m, b: m.per_example_loss(b), **settings)
     assert rel_err(cb.scores, ref) <= 1e-4  # float32 modules: factors summed over other batches
+
+
+@pytest.mark.parametrize("kind", ["bert", "resnet"])
+def test_ekfac_inside_bfloat16_autocast(kind):
+    """First-order only, so it runs under autocast: bf16 activations and gradients in the hooks, float32/float64
+    sums; the scores stay close to the float32 ones."""
+    from reference import pearson
+
+    st = pretrain_and_finetune(kind)
+    loaders = [_loader(d, 8) for d in (st.pretrain, st.finetune, st.query)]
+    full = compute_multistage(st.pre, st.fine, *loaders, shared="backbone", curvature="ekfac").scores
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = compute_multistage(st.pre, st.fine, *loaders, shared="backbone", curvature="ekfac").scores
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
+    assert pearson(mixed, full) >= 0.98 and rel_err(mixed, full) <= 0.3
