@@ -257,3 +257,25 @@ def test_true_fisher_cross_block_is_the_gauss_newton_cross_block():
         fisher = EKFACCurvature.cross_product(obj, rows, cols, v, range(len(data)), KFACOptions())
         ggn = GaussNewtonCurvature.cross_product(obj, rows, cols, v, range(len(data)), HessianOptions())
     assert rel_err(fisher, ggn) <= 1e-10
+
+
+def test_diagonal_blocks_are_the_explicit_fisher_diagonal():
+    """Norm affine parameters and a parameter no hook covers get ``E[g²]`` from exact per-example gradients."""
+    from test_layers import Everything, _data, _loss
+
+    torch.manual_seed(0)
+    model = Everything().double().eval()
+    data = _data()
+    names = [n for n, _ in model.named_parameters()]
+    obj = Objective(model, _loss, ExampleSource(DataLoader(data, batch_size=4), "data"), "training")
+    space = ParamSpace.of(obj.params, names)
+    op = EKFACCurvature.build(obj, space, range(len(data)), damping=0.0, shift=None, options=EMPIRICAL)
+    diagonal = [n for b in op.blocks if b.kind == "diagonal" for n in b.names]
+    assert set(diagonal) == {"bn.weight", "bn.bias", "norm.weight", "norm.bias", "scale"}
+    grads = Objective(model, _loss, ExampleSource(data, "data"), "training", gradients="func").gradients(space)
+    offsets = dict(zip(space.names, torch.cumsum(torch.tensor([0, *space.numels]), 0).tolist()))
+    dense = op.dense(10_000)
+    for name in diagonal:
+        sl = slice(offsets[name], offsets[name] + dict(model.named_parameters())[name].numel())
+        expected = torch.diag(grads[:, sl].pow(2).mean(0))
+        assert rel_err(dense[sl, sl], expected) <= 1e-10, name

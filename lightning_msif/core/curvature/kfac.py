@@ -121,7 +121,7 @@ def _with_ones(a: torch.Tensor) -> torch.Tensor:
 
 
 class _Fit:
-    """Sums over the examples of one pass, per block; all-reduced and normalised by ``finish``."""
+    """The blocks of one curvature fit, and the passes over the data that fill them."""
 
     def __init__(self, objective: Objective, space: ParamSpace, options: KFACOptions):
         self.obj, self.space, self.options = objective, space, options
@@ -142,12 +142,15 @@ class _Fit:
             self.blocks.append(Block("diagonal", tuple(self.diagonal)))
         self.examples = 0
 
-    def backward(self, batch: Any, idx: torch.Tensor) -> Tuple[Any, Params]:
-        """One hooked backward pass of the Fisher's losses (sampled labels for the true Fisher, in one forward)."""
+    def losses(self, params: Params, batch: Any, idx: torch.Tensor) -> torch.Tensor:
+        """The Fisher's per-example losses: at labels drawn from the model (true) or the data's (empirical)."""
         if self.options.fisher == "true":
-            seed = self.options.fisher_seed
-            return self.obj.hooked_backward(self.space, batch, lambda p, b: self.obj.sampled_losses(p, b, idx, seed))
-        return self.obj.hooked_backward(self.space, batch)
+            return self.obj.sampled_losses(params, batch, idx, self.options.fisher_seed)
+        return self.obj.losses(params, batch)
+
+    def backward(self, batch: Any, idx: torch.Tensor) -> Tuple[Any, Params]:
+        """One hooked backward pass of the Fisher's losses."""
+        return self.obj.hooked_backward(self.space, batch, lambda p, b: self.losses(p, b, idx))
 
     def grads(self, batch: Any, idx: torch.Tensor) -> Tuple[Any, Params]:
         """The hooks of one backward pass, and the per-example gradients of the diagonal block's parameters."""
@@ -158,13 +161,10 @@ class _Fit:
             if set(layer.names) & wanted:
                 diag.update({n: g for n, g in example_grads(layer, calls).items() if n in wanted})
         left = self.lmap.leftover
-        if left:  # one backward pass per example, at the same labels
-            b = batch_size_of(batch)
-            labelled = self.obj.relabelled(batch, idx, self.options.fisher_seed) if self.options.fisher == "true" \
-                else batch
+        if left:  # one backward pass per example, at the same labels (they depend on the index only)
             with torch.enable_grad():
-                diag.update(leftover_grads(lambda one: self.obj.losses(leaves, one), {n: leaves[n] for n in left}, b,
-                                           lambda i: slice_batch(labelled, i, i + 1)))
+                diag.update(leftover_grads(lambda one: self.losses(leaves, *one), {n: leaves[n] for n in left},
+                                           batch_size_of(batch), lambda i: (slice_batch(batch, i, i + 1), idx[i:i + 1])))
         for n in self.diagonal:  # parameters this batch's graph did not reach
             diag.setdefault(n, self.obj.params[n].new_zeros(batch_size_of(batch), *self.obj.params[n].shape))
         return capture, diag
