@@ -94,7 +94,7 @@ def toy_plug_ins():
     SOLVERS.remove("toy_richardson")
 
 
-_ALL_SOLVERS = ("exact", "cg", "lissa", "direct", "toy_richardson")
+_ALL_SOLVERS = ("exact", "cg", "block_cg", "lissa", "direct", "toy_richardson")
 _ALL_CURVATURES = ("hessian", "ggn", "kfac", "ekfac", "toy_scaled_identity")
 
 
@@ -109,14 +109,15 @@ def _operator(kind: type, damping: float = 1.0) -> Curvature:
 
 
 # The operators have damping 1: eigenvalues in [0.9, 1.9] for the Hessian, so few steps converge.
-_SOLVER_OPTIONS = {"cg": {"tol": 1e-12, "max_iter": 200}, "lissa": {"lissa_depth": 120, "lissa_batch_size": 10**6},
+_SOLVER_OPTIONS = {"cg": {"tol": 1e-12, "max_iter": 200}, "block_cg": {"tol": 1e-12, "max_iter": 200}, "lissa": {"lissa_depth": 120, "lissa_batch_size": 10**6},
                    "toy_richardson": {"toy_steps": 80, "toy_step_size": 0.5}}
 _BOUND = {"lissa": 1e-8, "toy_richardson": 1e-8}
 
 
 def _supported_pairs() -> List[Tuple[str, str]]:
     """(solver, curvature) pairs where the curvature class has every method the solver needs."""
-    needs = {"exact": ("dense",), "cg": (), "lissa": (), "direct": ("inverse_matmat",), "toy_richardson": ()}
+    needs = {"exact": ("dense",), "cg": (), "block_cg": (), "lissa": (), "direct": ("inverse_matmat",),
+             "toy_richardson": ()}
     has = {"hessian": False, "ggn": False, "kfac": True, "ekfac": True, "toy_scaled_identity": False}
     return [(s, c) for s in _ALL_SOLVERS for c in _ALL_CURVATURES if "inverse_matmat" not in needs[s] or has[c]]
 

@@ -4,7 +4,7 @@
   forward-over-reverse autodiff under ``vmap`` (checked on one example); EK-FAC otherwise, which needs
   first-order quantities only (fused attention kernels, ``.item()`` in a forward, any size).
 - Solver: the curvature's closed-form inverse when it has one (``direct``), a dense ``exact`` solve up to
-  ``max_dense_params``, conjugate gradient above.
+  ``max_dense_params``, block conjugate gradient above.
 """
 from __future__ import annotations
 
@@ -53,4 +53,4 @@ def choose_solver(op: Curvature, max_dense_params: int) -> Tuple[str, str]:
         return "direct", f"{op.name} has a closed-form inverse"
     if op.dim <= max_dense_params:
         return "exact", f"{op.dim} parameters ≤ max_dense_params={max_dense_params}: dense solve"
-    return "cg", f"{op.dim} parameters > max_dense_params={max_dense_params}: conjugate gradient"
+    return "block_cg", f"{op.dim} parameters > max_dense_params={max_dense_params}: block conjugate gradient"

@@ -51,13 +51,7 @@ class CGSolver(Solver):
             ap = op.matmat(p[a_idx])
             pap = (p[a_idx] * ap).sum(1)
             if (pap <= 0).any():
-                raise MSIFError(
-                    f"CG met non-positive curvature (pᵀAp = {pap.min().item():.3g}) in the {op.role} "
-                    f"Hessian + damping (λ={op.damping}): CG needs a positive-definite system, and a Hessian "
-                    "away from a minimum is indefinite. Raise damping until H + λI is positive definite, use a "
-                    "positive semi-definite curvature (curvature='ggn', the Gauss-Newton matrix, or "
-                    "curvature='ekfac', its Kronecker-factored approximation), or use solver='exact'."
-                )
+                raise non_positive_curvature(op, pap.min().item())
             step = rs[a_idx] / pap
             x[a_idx] += step[:, None] * p[a_idx]
             r[a_idx] -= step[:, None] * ap
@@ -70,16 +64,34 @@ class CGSolver(Solver):
                 progress.update(1)
                 residual = (rs.max() / rhs.norm(dim=1).max() ** 2).sqrt().item()
                 progress.set_postfix(residual=f"{residual:.2e}", refresh=False)
-        b_norm = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
-        measured = ((op.matmat(x) - rhs).norm(dim=1) / b_norm).max().item()  # the true residual, not the running one
-        if measured > options.tol:
-            stop = (f"did not converge in max_iter={options.max_iter} iterations" if active.any() else
-                    f"stopped on its running residual after {it} iterations, but rounding kept the true one higher")
-            fix = ("Raise max_iter or damping." if active.any() else
-                   "Raise tol to what this precision reaches (or use float64), or raise damping.")
-            warnings.warn(
-                f"CG on the {op.role} Hessian {stop}: largest relative residual ‖Ax − b‖/‖b‖ = {measured:.3g} > "
-                f"tol={options.tol}. {fix}",
-                stacklevel=4,
-            )
-        return x, {"iterations": it, "relative_residual": measured, "converged": measured <= options.tol}
+        return x, measured_report("CG", op, x, rhs, options, it, bool(active.any()))
+
+
+def non_positive_curvature(op: Curvature, value: float) -> MSIFError:
+    """The error of a conjugate-gradient method that met ``pᵀAp ≤ 0``: what to change."""
+    return MSIFError(
+        f"CG met non-positive curvature (pᵀAp = {value:.3g}) in the {op.role} "
+        f"Hessian + damping (λ={op.damping}): CG needs a positive-definite system, and a Hessian "
+        "away from a minimum is indefinite. Raise damping until H + λI is positive definite, use a "
+        "positive semi-definite curvature (curvature='ggn', the Gauss-Newton matrix, or "
+        "curvature='ekfac', its Kronecker-factored approximation), or use solver='exact'."
+    )
+
+
+def measured_report(name: str, op: Curvature, x: torch.Tensor, rhs: torch.Tensor, options: CGOptions, iterations: int,
+                    unfinished: bool) -> Info:
+    """The true residual ``max_j ‖A x_j − b_j‖/‖b_j‖`` (one more product, not the running one), a warning when it is
+    over ``tol``, and the record."""
+    b_norm = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
+    measured = ((op.matmat(x) - rhs).norm(dim=1) / b_norm).max().item()
+    if measured > options.tol:
+        stop = (f"did not converge in max_iter={options.max_iter} iterations" if unfinished else
+                f"stopped on its running residual after {iterations} iterations, but rounding kept the true one higher")
+        fix = ("Raise max_iter or damping." if unfinished else
+               "Raise tol to what this precision reaches (or use float64), or raise damping.")
+        warnings.warn(
+            f"{name} on the {op.role} Hessian {stop}: largest relative residual ‖Ax − b‖/‖b‖ = {measured:.3g} > "
+            f"tol={options.tol}. {fix}",
+            stacklevel=5,
+        )
+    return {"iterations": iterations, "relative_residual": measured, "converged": measured <= options.tol}
