@@ -126,9 +126,9 @@ def test_exact_solver_over_max_dense_params(case):
     with _raises(r"max_dense_params=5.*solver='cg'"):
         _run(pre, fine, pt, ft, q, solver="exact", max_dense_params=5, damping=0.1)
     result = compute_multistage(pre, fine, loader(pt), loader(ft), loader(q), shared="backbone", max_dense_params=30,
-                                damping=0.1, tol=1e-12)  # solver="auto" takes CG past max_dense_params
+                                damping=0.1, tol=1e-12)  # solver="auto" takes block CG past max_dense_params
     solves = result.info["solves"]
-    assert solves["pretrain"]["solver"] == "cg" and solves["finetune"]["solver"] == "exact"
+    assert solves["pretrain"]["solver"] == "block_cg" and solves["finetune"]["solver"] == "exact"
 
 
 # -- losses ---------------------------------------------------------------------------------------------

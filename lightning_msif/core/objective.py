@@ -181,6 +181,23 @@ class Objective:
             if progress is not None:
                 progress.update(len(idx))
 
+    def itemsize_per_column(self, space: ParamSpace) -> int:
+        """Bytes one vectorised Hessian-vector column holds: its tangent and result over ``space`` and, three times
+        over (forward, tangents, backward), the activations of one batch (measured once on the first batch)."""
+        if not hasattr(self, "_activation_numel"):
+            numel = [0]
+            hooks = [m.register_forward_hook(lambda m, i, o: numel.__setitem__(0, numel[0] + (
+                o.numel() if isinstance(o, torch.Tensor) else 0))) for m in self.bound.model.modules()]
+            try:
+                batch, _ = next(self.source.batches([0]))
+                with torch.no_grad():
+                    self.losses({}, to_device(batch, self.device, self.dtype))
+            finally:
+                for h in hooks:
+                    h.remove()
+            self._activation_numel = numel[0] * self.source.batch_size
+        return (2 * space.dim + 3 * self._activation_numel) * self.dtype.itemsize
+
     def chunk_for(self, space: ParamSpace) -> int:
         """Examples per vectorised gradient chunk: ``chunk_size``, or as many as fit in ``_CHUNK_BYTES``."""
         if self.chunk_size:
