@@ -40,7 +40,7 @@ def run(rank: int, args: argparse.Namespace, port: int) -> None:
     torch.set_num_threads(args.threads)
     say = print if rank == 0 else (lambda *a, **k: None)
     recipe = DigitsRecipe(mode=args.mode, alpha=args.alpha, hidden=args.hidden, weight_decay=args.weight_decay,
-                          queries=args.queries)
+                          queries=args.queries, arch=args.arch, finetune_limit=args.finetune_limit)
     n, k = len(recipe.pretrain_data), len(recipe.query_data)
     say(f"digits recipe: n = {n} pretraining examples (5% corrupted labels), {len(recipe.finetune_data)} finetune, "
         f"{k} queries; hidden {args.hidden}, λ = {args.weight_decay}, mode {args.mode}; "
@@ -79,6 +79,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--queries", type=int, default=None, help="first Q finetune validation examples (default all)")
     ap.add_argument("--solver", default="exact", help="solver of the first evaluation")
     ap.add_argument("--second-solver", default="cg", help="solver of the second evaluation (reuses every retrain)")
+    ap.add_argument("--arch", default="mlp", choices=["mlp", "cnn"], help="backbone (cnn: slow to retrain on a CPU)")
+    ap.add_argument("--finetune-limit", type=int, default=None,
+                    help="first N finetune examples only (e.g. 50: a task where the pretrained backbone helps)")
     ap.add_argument("--curvatures", default="ggn:exact,kfac:direct,ekfac:direct",
                     help="more evaluations of the multistage scores, curvature:solver, comma-separated (cached retrains)")
     ap.add_argument("--cold", action="store_true", help="retrain from the seed's initialisation, not warm")

@@ -31,3 +31,14 @@ def test_settings_that_do_not_fit_are_refused():
         DigitsRecipe(mode="updated")
     with pytest.raises(MSIFError, match="weight_decay=0.0 must be > 0"):
         DigitsRecipe(weight_decay=0.0)
+
+
+def test_recipe_variants_a_small_finetune_set_and_a_convolutional_backbone():
+    from lightning_msif.demo import DigitsClassifier
+
+    small = DigitsRecipe(finetune_limit=20)
+    assert len(small.finetune_data) == 20 and small.identity()["finetune_limit"] == 20
+    assert "finetune_limit" not in DigitsRecipe().identity()  # older recipes keep their identity (and cache)
+    cnn = DigitsClassifier(hidden=8, arch="cnn")
+    assert any(isinstance(m, torch.nn.Conv2d) for m in cnn.backbone.modules())
+    assert cnn(torch.zeros(3, 64)).shape == (3, 5)

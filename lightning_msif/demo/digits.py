@@ -151,8 +151,20 @@ def load_backbone(module: nn.Module, state_dict: StateDict) -> None:
     module.backbone.load_state_dict(entries, strict=True)
 
 
+def backbone_of(arch: str, hidden: int) -> nn.Sequential:
+    """``mlp``: 64 → hidden → hidden; ``cnn``: the 8×8 image through two 3×3 convolutions (4 and 8 channels, the
+    second with stride 2) and a linear layer to ``hidden``. Tanh throughout: smooth, so Hessians are well behaved."""
+    if arch == "mlp":
+        return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+    if arch == "cnn":
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(),
+                             nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                             nn.Linear(8 * 4 * 4, hidden), nn.Tanh())
+    raise ValueError(f"arch={arch!r}: choose 'mlp' or 'cnn'.")
+
+
 class DigitsClassifier(L.LightningModule):
-    """``backbone`` (64 → hidden → hidden, tanh: smooth, so Hessians are well behaved) then ``head``.
+    """``backbone`` (``arch``: an MLP or a small CNN, tanh: smooth, so Hessians are well behaved) then ``head``.
 
     ``weight_decay`` λ is Adam's *coupled* L2 (λ·p added to the gradient), so training stops at a
     stationary point of ``loss + λ/2 ‖p‖²`` over the trainable parameters: use the same λ as the
@@ -163,10 +175,10 @@ class DigitsClassifier(L.LightningModule):
     """
 
     def __init__(self, hidden: int = 32, num_classes: int = 5, lr: float = 1e-2, weight_decay: float = 1e-3,
-                 freeze_backbone: bool = False, pretrained: Optional[Union[str, StateDict]] = None):
+                 freeze_backbone: bool = False, pretrained: Optional[Union[str, StateDict]] = None, arch: str = "mlp"):
         super().__init__()
         self.save_hyperparameters(ignore=["pretrained"] if isinstance(pretrained, Mapping) else None)
-        self.backbone = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+        self.backbone = backbone_of(arch, hidden)
         self.head = nn.Linear(hidden, num_classes)
         self.val_acc = Accuracy(task="multiclass", num_classes=num_classes)
         if pretrained is not None:

@@ -46,21 +46,25 @@ class DigitsRecipe:
     def __init__(self, mode: str = "fixed", alpha: Optional[float] = None, hidden: int = 8,
                  weight_decay: float = 1e-2, corrupt_fraction: float = 0.05, limit: Optional[int] = None,
                  queries: Optional[int] = None, query_split: str = "val", data_seed: int = 0, tol: float = 1e-9,
-                 max_iter: int = 20_000):
+                 max_iter: int = 20_000, arch: str = "mlp", finetune_limit: Optional[int] = None):
         if mode not in ("fixed", "updated") or (mode == "updated") != (alpha is not None and alpha > 0):
             raise MSIFError(f"DigitsRecipe: mode={mode!r}, alpha={alpha!r}: use mode='fixed' without alpha, or "
                             "mode='updated' with alpha > 0.")
         if not weight_decay > 0:
             raise MSIFError(f"DigitsRecipe: weight_decay={weight_decay!r} must be > 0 (it makes the optimum unique).")
         self.mode, self.alpha, self.damping = mode, alpha, float(weight_decay)
-        self.hidden, self.tol, self.max_iter = hidden, tol, max_iter
+        self.hidden, self.tol, self.max_iter, self.arch = hidden, tol, max_iter, arch
         self.config: Dict[str, Any] = dict(mode=mode, alpha=alpha, hidden=hidden, weight_decay=weight_decay,
                                            corrupt_fraction=corrupt_fraction, limit=limit, queries=queries,
                                            query_split=query_split, data_seed=data_seed, tol=tol, max_iter=max_iter)
+        if arch != "mlp" or finetune_limit is not None:  # keep the identity (and cached retrains) of older recipes
+            self.config.update(arch=arch, finetune_limit=finetune_limit)
         pretrain = DigitsDataModule(task="pretrain", corrupt_fraction=corrupt_fraction, seed=data_seed, limit=limit)
         finetune = DigitsDataModule(task="finetune", seed=data_seed, limit=limit)
         self.pretrain_data = pretrain.train_dataset
         self.finetune_data = finetune.train_dataset
+        if finetune_limit is not None:  # a small finetune set: where a pretrained backbone should help
+            self.finetune_data = _first(self.finetune_data, finetune_limit)
         query = finetune.dataset(query_split)
         self.query_data = query if queries is None else Subset(query, range(min(queries, len(query))))
         self._pt = (self.pretrain_data.x.double(), self.pretrain_data.targets)
@@ -73,8 +77,8 @@ class DigitsRecipe:
     def _models(self, seed: int) -> Tuple[nn.Module, nn.Module]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            pre = DigitsClassifier(hidden=self.hidden, weight_decay=self.damping).double()
-            fine = DigitsClassifier(hidden=self.hidden, weight_decay=self.damping,
+            pre = DigitsClassifier(hidden=self.hidden, weight_decay=self.damping, arch=self.arch).double()
+            fine = DigitsClassifier(hidden=self.hidden, weight_decay=self.damping, arch=self.arch,
                                     freeze_backbone=self.mode == "fixed").double()
         return pre, fine
 
@@ -148,6 +152,13 @@ class DigitsRecipe:
             fine.backbone.load_state_dict(pre.backbone.state_dict())
         self._fit(fine, *self._finetune_objective(fine, pre), factors[1], "finetune")
         return pre, fine
+
+
+def _first(data: Any, n: int) -> Any:
+    """The first ``n`` examples of a ``DigitsDataset`` (same type: the recipe reads its ``x`` and ``targets``)."""
+    keep = torch.arange(min(n, len(data)))
+    return type(data)(data.images[keep], data.targets[keep], data.clean_targets[keep], data.class_names,
+                      data.source_indices[keep])
 
 
 def _params(module: nn.Module) -> Dict[str, torch.Tensor]:
