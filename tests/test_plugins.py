@@ -284,7 +284,7 @@ def test_arguments_are_frozen_and_recorded_in_full():
     record = args.record()
     assert record["alpha"] is None  # α does not apply in fixed mode
     assert record["solver_options"] == {"tol": 1e-9, "max_iter": 500}
-    assert record["curvature_options"] == {"rhs_chunk_size": 32}
+    assert record["curvature_options"] == {"rhs_chunk_size": None}  # None: sized by memory
     assert InfluenceArguments.from_mapping(record).solver_options_of("cg").tol == 1e-9
     assert InfluenceArguments().record()["solver_options"] == {}  # auto: the chosen solver is in the run's info
     with pytest.raises(MSIFError, match=r"Unknown setting\(s\) \['bogus'\]"):

@@ -107,12 +107,8 @@ class Curvature:
                 "'lissa') for a model this size, or raise max_dense_params if the memory is there."
             )
         obj = self.objective
-        h = self.dense_product(torch.eye(p, device=obj.device, dtype=obj.dtype))  # one pass over the data
+        h = self.matmat(torch.eye(p, device=obj.device, dtype=obj.dtype))  # one pass over the data
         return (h + h.T) / 2
-
-    def dense_product(self, eye: torch.Tensor) -> torch.Tensor:
-        """``matmat`` of all unit vectors at once (a curvature may vectorise more of them than for a solve)."""
-        return self.matmat(eye)
 
 
 CURVATURES: Registry[type] = Registry("curvature")

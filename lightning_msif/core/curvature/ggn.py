@@ -18,7 +18,7 @@ from ...errors import MSIFError
 from ..objective import Objective
 from ..params import Params, ParamSpace
 from .base import Curvature, register_curvature
-from .hessian import HessianOptions
+from .hessian import HessianOptions, rhs_chunk
 
 
 @register_curvature
@@ -37,7 +37,7 @@ class GaussNewtonCurvature(Curvature):
 
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
         obj, space = self.objective, self.space
-        chunk = self.options.rhs_chunk_size if self.options is not None else HessianOptions.rhs_chunk_size
+        chunk = rhs_chunk(self, vectors.shape[0])
         base = {n: obj.params[n] for n in space.names}
         total = torch.zeros_like(vectors)
         for batch, _ in obj.batches(self.indices):

@@ -11,12 +11,12 @@ from .base import Curvature, register_curvature
 
 
 DENSE_BYTES = 512 * 2**20
-"""Memory for the vectorised columns of one dense-matrix product (see ``Objective.itemsize_per_column``)."""
+"""Memory for the vectorised right-hand sides of one product (see ``Objective.itemsize_per_column``)."""
 
 
 @dataclass(frozen=True)
 class HessianOptions:
-    rhs_chunk_size: Optional[int] = 32  # right-hand sides vectorised at once in one Hessian-vector product
+    rhs_chunk_size: Optional[int] = None  # right-hand sides vectorised at once (None: as many as DENSE_BYTES allow)
 
     def __post_init__(self) -> None:
         if self.rhs_chunk_size is not None:
@@ -31,15 +31,14 @@ class HessianCurvature(Curvature):
     name = "hessian"
     Options = HessianOptions
 
-    def apply(self, vectors: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
-        if chunk is None:
-            chunk = self.options.rhs_chunk_size if self.options is not None else HessianOptions.rhs_chunk_size
-        return self.objective.hvp(self.space, vectors, self.indices, chunk)
+    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.objective.hvp(self.space, vectors, self.indices, rhs_chunk(self, vectors.shape[0]))
 
-    def dense_product(self, eye: torch.Tensor) -> torch.Tensor:
-        """All columns in as few vectorised products as memory allows (``DENSE_BYTES`` for the tangents, gradients
-        and activations of the vectorised columns), which is what makes the dense matrix fast."""
-        per_column = self.objective.itemsize_per_column(self.space)
-        chunk = max(self.options.rhs_chunk_size or 1, min(self.dim, DENSE_BYTES // max(1, per_column)))
-        out = self.apply(eye, chunk)
-        return out + self.damping * eye + (self.shift * eye if self.shift is not None else 0)
+
+def rhs_chunk(op: Curvature, k: int) -> int:
+    """Right-hand sides per vectorised product: ``rhs_chunk_size``, or as many of the ``k`` as ``DENSE_BYTES`` hold
+    (their tangents, results and activations), which is what makes many queries and dense matrices fast."""
+    given = op.options.rhs_chunk_size if op.options is not None else None
+    if given is not None:
+        return given
+    return max(1, min(k, DENSE_BYTES // max(1, op.objective.itemsize_per_column(op.space))))
