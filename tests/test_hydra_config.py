@@ -38,7 +38,7 @@ def test_schema_rejects_a_wrongly_typed_value(tmp_path):
 
 def test_validation_names_the_key_and_allowed_values(tmp_path):
     cfg = _compose(tmp_path, "solver=newton")
-    allowed = r"\['auto', 'exact', 'cg', 'lissa', 'direct'\]"
+    allowed = r"\['auto', 'exact', 'cg', 'lissa', 'direct', 'block_cg'\]"
     with pytest.raises(InstantiationException, match=rf"solver='newton' is not allowed; choose one of {allowed}"):
         instantiate(cfg.callbacks.finetune, _convert_="all")
 

@@ -109,7 +109,8 @@ def _operator(kind: type, damping: float = 1.0) -> Curvature:
 
 
 # The operators have damping 1: eigenvalues in [0.9, 1.9] for the Hessian, so few steps converge.
-_SOLVER_OPTIONS = {"cg": {"tol": 1e-12, "max_iter": 200}, "block_cg": {"tol": 1e-12, "max_iter": 200}, "lissa": {"lissa_depth": 120, "lissa_batch_size": 10**6},
+_SOLVER_OPTIONS = {"cg": {"tol": 1e-12, "max_iter": 200}, "block_cg": {"tol": 1e-12, "max_iter": 200},
+                   "lissa": {"lissa_depth": 120, "lissa_batch_size": 10**6},
                    "toy_richardson": {"toy_steps": 80, "toy_step_size": 0.5}}
 _BOUND = {"lissa": 1e-8, "toy_richardson": 1e-8}
 

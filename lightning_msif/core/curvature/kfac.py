@@ -18,8 +18,9 @@ The Fisher is the *true* one by default (labels drawn from the model's own predi
 example from its dataset index), or the *empirical* one (the data's labels). Sums are accumulated in
 ``covariance_dtype`` and all-reduced over ranks; eigendecompositions are in float64. Damping per block:
 ``λ`` (+ α on the shared layers in updated mode: the ``shift``), plus ``relative_damping`` × the block's
-mean eigenvalue (by default 0.1 when λ = 0, else none). Blocks never couple two layers; ``cross_product`` gives the Fisher cross block
-between two parameter sets (the fixed mode's ``H_θW``) from a weighted backward pass.
+mean eigenvalue (by default 0.1 when λ = 0, else none). Blocks never couple two layers; ``cross_product``
+gives the Fisher cross block between two parameter sets (the fixed mode's ``H_θW``) from per-example
+gradients, in closed form over the model's labels.
 """
 from __future__ import annotations
 
