@@ -28,7 +28,7 @@ from .curvature import CURVATURES, Curvature
 from .data import ExampleSource
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
 from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_shared
-from .scoring import ScoreStore, agreed, cached, resolve_method, score_pass
+from .scoring import ScoreStore, agreed, cached, fastest_method, score_pass
 from .solvers import SOLVERS, solve
 
 
@@ -164,7 +164,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, run: _Run) -> torch.Tensor:
     """Step 3: one streaming pass over the training examples (resumable through ``run.store``)."""
-    method = resolve_method(run.args.scoring, s.shape[0])
+    if run.args.scoring == "auto":
+        method, seconds = fastest_method(obj, space, s)
+        if seconds:
+            run.info["scoring_probe_seconds"] = seconds
+    else:
+        method = run.args.scoring
     run.info["scoring"] = method
     bar = run.bar(len(obj.source), f"scoring {obj.role} examples")
     with run.phase("score_pass"):

@@ -301,7 +301,7 @@ class Objective:
 
         return vmap(along, chunk_size=chunk)(vectors).T
 
-    def _grad_dots(self, space: ParamSpace, vectors: torch.Tensor, batch: Any) -> torch.Tensor:
+    def example_grad_dots(self, space: ParamSpace, vectors: torch.Tensor, batch: Any) -> torch.Tensor:
         """``[B, k]``: per-example gradients contracted with ``vectors`` parameter by parameter (no flat copy)."""
         grads = self._example_grads(space, batch)
         out: Optional[torch.Tensor] = None
@@ -332,7 +332,7 @@ class Objective:
                     if self.engine == "func":
                         raise
                     self._use_hooks(err)
-            out.append(self._grad_dots(space, vectors, sub))
+            out.append(self.example_grad_dots(space, vectors, sub))
         return torch.cat(out)
 
     def gradients(self, space: ParamSpace, progress: Optional[Any] = None) -> torch.Tensor:

@@ -6,7 +6,8 @@ vectors, so an interrupted run resumes where it stopped, on any number of proces
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Protocol
+import time
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -17,11 +18,12 @@ DEFAULT_BLOCK = 4096
 SCORING_BATCH_FACTOR = 4
 
 AUTO_JVP_MAX_QUERIES = 16
-"""``'auto'`` scoring takes forward mode up to this many queries, per-example gradients above.
+"""``'auto'`` scoring considers forward mode up to this many queries, per-example gradients always.
 
 Forward mode costs about two forward passes per query; per-example gradients cost one
-materialisation of ``[batch, dim]`` gradients plus one matrix product for all queries. Measured
-with ``benchmarks/scoring_pass.py`` (85k-parameter MLP, CPU), the two cross between 16 and 32 queries.
+materialisation of ``[batch, dim]`` gradients plus one matrix product for all queries. On an MLP
+(``benchmarks/scoring_pass.py``, 85k parameters, CPU) the two cross between 16 and 32 queries; on a
+convolutional network forward mode is many times slower at any count, so ``auto`` times both on one batch.
 """
 
 
@@ -30,6 +32,27 @@ def resolve_method(method: str, n_queries: int) -> str:
     if method != "auto":
         return method
     return "jvp" if n_queries <= AUTO_JVP_MAX_QUERIES else "grad"
+
+
+def fastest_method(obj: Objective, space: ParamSpace, s: torch.Tensor) -> Tuple[str, Dict[str, float]]:
+    """``'auto'``: the faster of ``grad`` and ``jvp`` on one batch of scoring (each timed on its second call, after
+    one-time costs), agreed by all ranks; ``grad`` outright above ``AUTO_JVP_MAX_QUERIES`` queries."""
+    if s.shape[0] > AUTO_JVP_MAX_QUERIES:
+        return "grad", {}
+    size = max(1, min(obj.source.batch_size, obj.chunk_for(space)))
+    batch, _ = next(obj.batches(range(min(len(obj.source), size)), shard=False))
+    kernels = {"grad": lambda: obj.example_grad_dots(space, s, batch), "jvp": lambda: obj.directional(space, s, batch)}
+    seconds: Dict[str, float] = {}
+    for method, kernel in kernels.items():
+        try:
+            for _ in range(2):
+                start = time.perf_counter()
+                kernel()
+                seconds[method] = time.perf_counter() - start
+        except (RuntimeError, NotImplementedError):  # no forward mode through this model
+            seconds[method] = float("inf")
+    votes = obj.comm.all_reduce_sum(torch.tensor([1.0 if seconds["jvp"] < seconds["grad"] else 0.0]))
+    return ("jvp" if 2 * float(votes) > obj.comm.world_size else "grad"), seconds
 
 
 class ScoreStore(Protocol):
