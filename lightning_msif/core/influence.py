@@ -164,12 +164,17 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, run: _Run) -> torch.Tensor:
     """Step 3: one streaming pass over the training examples (resumable through ``run.store``)."""
-    if run.args.scoring == "auto":
-        method, seconds = fastest_method(obj, space, s)
-        if seconds:
-            run.info["scoring_probe_seconds"] = seconds
-    else:
-        method = run.args.scoring
+    method = run.args.scoring
+    if method == "auto":  # timed once; kept in the store, so a resumed run takes the same way (identical scores)
+
+        def decide() -> torch.Tensor:
+            chosen, seconds = fastest_method(obj, space, s)
+            if seconds:
+                run.info["scoring_probe_seconds"] = seconds
+            return torch.tensor([1.0 if chosen == "jvp" else 0.0])
+
+        flag = cached(run.store, run.comm, "scoring_method", decide, torch.empty(0, dtype=torch.float32))
+        method = "jvp" if float(flag.reshape(-1)[0]) > 0.5 else "grad"
     run.info["scoring"] = method
     bar = run.bar(len(obj.source), f"scoring {obj.role} examples")
     with run.phase("score_pass"):
