@@ -491,9 +491,11 @@ def section_solvers(p: Problem, args: argparse.Namespace, have_dvl: bool) -> Tup
                                       **cg_kw)
             runs["h_cg_2c"] = run_ours("h_cg_2c", f"hessian + cg, {tag}, rhs_chunk_size={args.n_query}", p, args,
                                        damping=lam2, rhs_chunk_size=args.n_query, **cg_kw)
+            runs["h_bcg_2"] = run_ours("h_bcg_2", f"hessian + block_cg (tol {args.cg_tol:g}), {tag}", p, args,
+                                       damping=lam2, **{**cg_kw, "solver": "block_cg"})
             rows.append(compare("2b", runs["h64_2"], None, f"(reference, {tag})"))
-            rows.append(compare("2b", runs["h_cg_2"], runs["h64_2"], "exact Hessian f64"))
-            rows.append(compare("2b", runs["h_cg_2c"], runs["h64_2"], "exact Hessian f64"))
+            for key in ("h_cg_2", "h_cg_2c", "h_bcg_2"):
+                rows.append(compare("2b", runs[key], runs["h64_2"], "exact Hessian f64"))
             if have_dvl:
                 runs["d_cg_2"] = run_pydvl("d_cg_2", "cg", p, args, damping=lam2)
                 runs["d_cg_2"].method += f", {tag}"

@@ -116,11 +116,12 @@ _BOUND = {"lissa": 1e-8, "toy_richardson": 1e-8}
 
 
 def _supported_pairs() -> List[Tuple[str, str]]:
-    """(solver, curvature) pairs where the curvature class has every method the solver needs."""
-    needs = {"exact": ("dense",), "cg": (), "block_cg": (), "lissa": (), "direct": ("inverse_matmat",),
-             "toy_richardson": ()}
-    has = {"hessian": False, "ggn": False, "kfac": True, "ekfac": True, "toy_scaled_identity": False}
-    return [(s, c) for s in _ALL_SOLVERS for c in _ALL_CURVATURES if "inverse_matmat" not in needs[s] or has[c]]
+    """(solver, curvature) pairs where the curvature class has every method the solver needs (read from the
+    plug-in classes at collection time, before the toy ones are registered)."""
+    solvers = {name: Richardson if name == "toy_richardson" else SOLVERS.get(name) for name in _ALL_SOLVERS}
+    curves = {name: ScaledIdentity if name == "toy_scaled_identity" else CURVATURES.get(name) for name in _ALL_CURVATURES}
+    return [(s, c) for s in _ALL_SOLVERS for c in _ALL_CURVATURES
+            if all(callable(getattr(curves[c], need, None)) for need in solvers[s].needs)]
 
 
 @pytest.mark.parametrize("solver, curvature", _supported_pairs())
@@ -137,12 +138,9 @@ def test_every_solver_on_every_curvature_it_supports(solver, curvature):
     assert rel_err(x, expected) <= _BOUND.get(solver, 1e-8)
 
 
-def test_the_matrix_knows_what_each_plug_in_supports():
-    for solver in _ALL_SOLVERS:
-        for curvature in _ALL_CURVATURES:
-            kind = CURVATURES.get(curvature)
-            declared = all(callable(getattr(kind, need, None)) for need in SOLVERS.get(solver).needs)
-            assert declared == ((solver, curvature) in _supported_pairs()), (solver, curvature)
+def test_the_matrix_holds_every_pair_but_the_closed_form_solver_on_curvatures_without_one():
+    missing = {(s, c) for s in _ALL_SOLVERS for c in _ALL_CURVATURES} - set(_supported_pairs())
+    assert missing == {("direct", c) for c in ("hessian", "ggn", "toy_scaled_identity")}
 
 
 def test_every_plug_in_is_in_the_matrix_above():

@@ -102,9 +102,6 @@ class ScoreArguments:
                                         **dataclasses.asdict(self.curvature_options_of(self.curvature))}
         return out
 
-    def replace(self, **changes: Any) -> "ScoreArguments":
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ScoreArguments":
         """Build from a mapping (a YAML record, a DictConfig); refuses keys that are not fields."""

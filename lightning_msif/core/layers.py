@@ -129,13 +129,6 @@ class LayerMap:
                 h.remove()
         return sorted(set(seen))
 
-    def coverage(self) -> Dict[str, Any]:
-        """What the run record says about how each parameter is handled."""
-        kinds: Dict[str, int] = {}
-        for layer in self.layers:
-            kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
-        return {"layers": kinds, "leftover": list(self.leftover)}
-
 
 @dataclass
 class Call:
@@ -168,9 +161,6 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-    def clear(self) -> None:
-        self.calls.clear()
 
     def _hook(self, layer: Layer) -> Callable:
         def forward(module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> Any:

@@ -37,7 +37,8 @@ def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 class _Bound(nn.Module):
-    """``model`` and ``loss_fn`` as one module, so ``functional_call`` can swap the model's parameters."""
+    """``model`` and a function of it and a batch (the loss, or a task's outputs) as one module, so
+    ``functional_call`` can swap the model's parameters."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
@@ -46,18 +47,6 @@ class _Bound(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.loss_fn(self.model, batch)
-
-
-class _Outputs(nn.Module):
-    """``model`` and a task's ``outputs`` as one module, for ``functional_call`` (Gauss-Newton, true Fisher)."""
-
-    def __init__(self, model: nn.Module, task: Task):
-        super().__init__()
-        self.model = model
-        self.task = task
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.task.outputs(self.model, batch)
 
 
 @contextmanager
@@ -118,7 +107,7 @@ class Objective:
     def outputs(self, params: Params, batch: Any) -> torch.Tensor:
         """The task's model outputs (logits) with ``params`` substituted."""
         full = {"model." + k: v for k, v in {**self.params, **params}.items()}
-        return functional_call(_Outputs(self.bound.model, self.task), full, (batch,))
+        return functional_call(_Bound(self.bound.model, self.task.outputs), full, (batch,))
 
     def _uniforms(self, idx: torch.Tensor, per: int, seed: int) -> torch.Tensor:
         return torch.stack([torch.rand(per, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)),

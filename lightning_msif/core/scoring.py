@@ -27,13 +27,6 @@ convolutional network forward mode is many times slower at any count, so ``auto`
 """
 
 
-def resolve_method(method: str, n_queries: int) -> str:
-    """The scoring method to run: ``'grad'`` or ``'jvp'`` as given; ``'auto'`` by the number of queries."""
-    if method != "auto":
-        return method
-    return "jvp" if n_queries <= AUTO_JVP_MAX_QUERIES else "grad"
-
-
 def fastest_method(obj: Objective, space: ParamSpace, s: torch.Tensor) -> Tuple[str, Dict[str, float]]:
     """``'auto'``: the faster of ``grad`` and ``jvp`` on one batch of scoring (each timed on its second call, after
     one-time costs), agreed by all ranks; ``grad`` outright above ``AUTO_JVP_MAX_QUERIES`` queries."""
@@ -87,10 +80,11 @@ def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
                block: Optional[int] = None) -> torch.Tensor:
     """``[n, k]`` scores on every rank; each rank computes (or reloads) its blocks, then all gather.
 
-    ``method`` is ``'grad'``, ``'jvp'`` or ``'auto'`` (see ``resolve_method``).
+    ``method`` is ``'grad'``, ``'jvp'`` or ``'auto'`` (see ``fastest_method``).
     """
     comm, n = obj.comm, len(obj.source)
-    method = resolve_method(method, s.shape[0])
+    if method == "auto":
+        method = fastest_method(obj, space, s)[0]
     block = block or DEFAULT_BLOCK
     starts = list(range(0, n, block))[comm.rank :: comm.world_size]
     # Fewer, larger vectorised calls: up to SCORING_BATCH_FACTOR × the data's batch size per read,

@@ -13,8 +13,8 @@ from typing import Any, Optional, Tuple
 import torch
 
 from ..curvature.base import Curvature
-from .base import Info, Solver, register_solver
-from .cg import CGOptions, measured_report, non_positive_curvature
+from .base import Info, register_solver
+from .cg import CGOptions, CGSolver, measured_report, non_positive_curvature
 
 
 def _orth(m: torch.Tensor) -> torch.Tensor:
@@ -27,12 +27,10 @@ def _orth(m: torch.Tensor) -> torch.Tensor:
 
 
 @register_solver
-class BlockCGSolver(Solver):
-    name = "block_cg"
-    Options = CGOptions
+class BlockCGSolver(CGSolver):
+    """CG's options, stopping rule and progress steps; one Krylov space for all right-hand sides."""
 
-    def steps(self, options: CGOptions) -> int:
-        return options.max_iter
+    name = "block_cg"
 
     def run(self, op: Curvature, rhs: torch.Tensor, options: CGOptions,
             progress: Optional[Any]) -> Tuple[torch.Tensor, Info]:
