@@ -279,3 +279,74 @@ def test_diagonal_blocks_are_the_explicit_fisher_diagonal():
         sl = slice(offsets[name], offsets[name] + dict(model.named_parameters())[name].numel())
         expected = torch.diag(grads[:, sl].pow(2).mean(0))
         assert rel_err(dense[sl, sl], expected) <= 1e-10, name
+
+
+class _Convs(nn.Module):
+    """A convolution whose input moment is shared over kernel-row lags and whose EK-FAC rotation contracts first
+    (c1); one rotated position by position, by a convolution (c2); one with a vertical stride of 2 (c3: unfolded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 16, (3, 2), stride=(1, 4), padding=(2, 1), dilation=(2, 1))
+        self.c3 = nn.Conv2d(16, 4, 3, stride=2, padding=1, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.c1, self.c2, self.c3):
+            x = torch.tanh(conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _conv_stats(model: _Convs, x: torch.Tensor, y: torch.Tensor):
+    """Per convolution, by unfolding: (patches ``ã`` [n, T, in'], output gradients [n, T, out])."""
+    inputs, outputs = {}, {}
+    convs = {"c1": model.c1, "c2": model.c2, "c3": model.c3}
+
+    def keep(name: str):
+        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
+            inputs[name], outputs[name] = args[0], output
+        return hook
+
+    handles = [m.register_forward_hook(keep(k)) for k, m in convs.items()]
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    for h in handles:
+        h.remove()
+    grads = torch.autograd.grad(loss, [outputs[k] for k in convs])
+    stats = {}
+    for (k, m), g in zip(convs.items(), grads):
+        a = F.unfold(inputs[k].detach(), m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        a = a.transpose(1, 2)
+        if m.bias is not None:
+            a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], 2)
+        stats[k] = (a, g.flatten(2).transpose(1, 2))
+    return stats
+
+
+def test_convolution_factors_and_eigenvalues_equal_the_unfolded_ones():
+    from lightning_msif.core.curvature.kfac import _tokens_first
+
+    torch.manual_seed(0)
+    model = _Convs().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(9, 2, 8, 13, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
+    data = TensorDataset(x, y)
+    names = [n for n, _ in model.named_parameters()]
+    stats = _conv_stats(model, x, y)
+    kfac, _, _ = _build(KFACCurvature, model, data, names)
+    ekfac, obj, space = _build(EKFACCurvature, model, data, names)
+    with evaluation(model):
+        capture, _ = obj.hooked_backward(space, next(obj.batches(range(4)))[0])
+    for name, (a, g) in stats.items():
+        n, t = a.shape[:2]
+        a_bar = torch.einsum("nti,ntj->ij", a, a) / (n * t)
+        s_bar = torch.einsum("nti,ntj->ij", g, g) / n
+        block = next(b for b in kfac.blocks if b.layer is not None and b.layer.path == name)
+        q = torch.kron(block.q_s, block.q_a)
+        assert rel_err(q @ torch.diag(block.eig.flatten()) @ q.T, torch.kron(s_bar, a_bar)) <= 1e-10, name
+        block = next(b for b in ekfac.blocks if b.layer is not None and b.layer.path == name)
+        per_example = torch.einsum("nto,nti->noi", g, a)
+        expected = (block.q_s.T @ per_example @ block.q_a).pow(2).mean(0)
+        assert rel_err(block.eig, expected) <= 1e-10, name
+        order = _tokens_first(block, capture.calls[name][0])
+        assert order == (name == "c2"), name  # both orders of the rotation are checked

@@ -146,3 +146,55 @@ def test_a_layer_called_on_batch_less_inputs_stays_exact():
     assert lmap.broadcast == {"positions"} and lmap.leftover == []
     func = Objective(model, loss, ExampleSource(data, "data"), "training", gradients="func")
     torch.testing.assert_close(got, func.gradients(space), rtol=1e-10, atol=1e-12)
+
+
+class Convs(nn.Module):
+    """Convolutions with every geometry the hooks handle: rectangular kernels, strides, dilations, paddings, no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), bias=False)
+        self.c3 = nn.Conv2d(4, 5, 3, stride=2, padding=3, dilation=3)
+        self.c4 = nn.Conv2d(5, 3, 1, stride=(2, 1))
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.c1, self.c2, self.c3, self.c4):
+            x = torch.tanh(conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_hooks_equal_torch_func_on_strided_dilated_convolutions():
+    torch.manual_seed(0)
+    model = Convs().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 2, 9, 8, generator=g, dtype=torch.float64)
+    data = TensorDataset(x, torch.randint(0, 3, (7,), generator=g))
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    names = [n for n, _ in model.named_parameters()]
+    hooks = Objective(model, loss, ExampleSource(DataLoader(data, batch_size=3), "data"), "training", gradients="hooks")
+    func = Objective(model, loss, ExampleSource(data, "data"), "training", gradients="func")
+    space = ParamSpace.of(hooks.params, names)
+    torch.testing.assert_close(hooks.gradients(space), func.gradients(space), rtol=1e-10, atol=1e-12)
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        x.mul_(2)  # the body's input, after the body used it
+        return self.head(torch.tanh(h))
+
+
+def test_an_input_changed_in_place_after_its_layer_is_refused():
+    data = TensorDataset(torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+    model = InPlace().double()
+    loss = lambda m, b: F.cross_entropy(m(b[0].clone()), b[1], reduction="none")  # noqa: E731
+    hooks = Objective(model, loss, ExampleSource(data, "data"), "training", gradients="hooks")
+    with pytest.raises(RuntimeError, match="in place"):
+        hooks.gradients(ParamSpace.of(hooks.params, [n for n, _ in model.named_parameters()]))

@@ -1,11 +1,13 @@
 """Per-example gradients of the common layers from module hooks: first order only, any attention kernel.
 
-A forward hook keeps each covered layer's input, a hook on its output keeps the gradient arriving
-there; one ordinary backward pass of the summed per-example losses then gives every example's
-gradient of every covered parameter in closed form (examples do not interact in eval mode):
+A forward hook keeps each covered layer's input and where the gradient arrives at its output; one
+backward pass of the summed per-example losses, to those outputs only (no parameter's gradient is
+formed), then gives every example's gradient of every covered parameter in closed form (examples do
+not interact in eval mode):
 
 - ``nn.Linear`` and Hugging Face's ``Conv1D`` (weight ``[in, out]``): ``Σ_t g_t a_tᵀ``, bias ``Σ_t g_t``;
-- ``nn.Conv2d`` (zero padding, one group): the same on unfolded input patches;
+- ``nn.Conv2d`` (zero padding, one group): the same over input patches (one product per kernel row of the
+  input unfolded along its width only);
 - ``nn.Embedding`` (no ``max_norm``): output gradients added into the rows of the tokens used;
 - norm layers' affine parameters (``LayerNorm``, eval-mode ``BatchNorm1d/2d``): ``Σ g ⊙ x̂``, ``Σ g``.
 
@@ -21,6 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 KRONECKER_KINDS = ("linear", "conv1d", "conv2d")
 
@@ -132,9 +135,13 @@ class LayerMap:
 
 @dataclass
 class Call:
-    """One call of a covered layer in a forward pass: its (transformed) input and the gradient at its output."""
+    """One call of a covered layer in a forward pass: its input (as it is: a convolution's is unfolded into patches,
+    a norm's normalised, only where needed), where the gradient at its output arrives, and that gradient once
+    ``Capture.backward`` ran."""
 
     inputs: torch.Tensor
+    edge: Optional[GradientEdge] = None
+    version: int = 0  # of the input when it was kept: an in-place change after that would corrupt the gradients
     grad: Optional[torch.Tensor] = None
 
 
@@ -173,43 +180,99 @@ class Capture:
                 x = x.expand(self.batch_size, *x.shape[1:])
             if not output.requires_grad:
                 return output if expand else None
-            call = Call(_saved_input(layer, x))
-            self.calls.setdefault(layer.path, []).append(call)
-
-            def keep(grad: torch.Tensor, call: Call = call) -> None:
-                call.grad = grad.detach()
-
-            output.register_hook(keep)
+            # the edge, not the tensor: an in-place operation on the output (ReLU(inplace=True)) does not move it
+            self.calls.setdefault(layer.path, []).append(Call(x.detach(), get_gradient_edge(output), x._version))
             return output if expand else None
 
         return forward
 
+    def backward(self, total: torch.Tensor) -> None:
+        """The gradient of ``total`` at every captured layer output, and nothing else: the backward pass stops
+        there, so no layer's weight-gradient product runs (a plain ``backward`` would form them all)."""
+        calls = [call for calls in self.calls.values() for call in calls]
+        if not calls or not total.requires_grad:
+            return
+        if any(call.inputs._version != call.version for call in calls):
+            raise RuntimeError("The model modified a covered layer's input in place after the layer used it: its "
+                               "per-example gradients cannot be formed from hooks.")
+        grads = torch.autograd.grad(total, [call.edge for call in calls], allow_unused=True)
+        for call, grad in zip(calls, grads):
+            call.grad = grad
 
-def _saved_input(layer: Layer, x: torch.Tensor) -> torch.Tensor:
-    """What the per-example gradient needs from the layer's input (norms: the normalised input)."""
+
+def _normalised(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """A norm layer's normalised input ``x̂``, formed only where its affine parameters' gradients are wanted."""
     m = layer.module
-    x = x.detach()
-    if layer.kind == "conv2d":
-        return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # [B, C·k·k, L]
     if layer.kind == "layernorm":
         dims = tuple(range(x.dim() - len(m.normalized_shape), x.dim()))
         mean = x.mean(dims, keepdim=True)
         var = x.var(dims, keepdim=True, unbiased=False)
         return (x - mean) / torch.sqrt(var + m.eps)
-    if layer.kind == "batchnorm":
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
-    return x
+    shape = (1, -1) + (1,) * (x.dim() - 2)  # batchnorm (eval): the running statistics
+    return (x - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+
+
+def patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``[B, C·kh·kw, L]``: the input patches of each of the convolution's ``L`` output positions."""
+    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+
+
+def width_view(conv: nn.Conv2d, x: torch.Tensor, w_out: int) -> torch.Tensor:
+    """``[C, kw, H, B, W']`` (a view of ``x`` zero-padded in width): for each kernel column, the input column each
+    output column meets there. A patch is ``kh`` of its rows: copying this costs ``1/kh`` of an unfold."""
+    kw, dw, sw, pw = conv.kernel_size[1], conv.dilation[1], conv.stride[1], conv.padding[1]
+    xw = F.pad(x, (pw, pw)) if pw else x
+    s = xw.stride()
+    return xw.as_strided((x.shape[1], kw, x.shape[2], x.shape[0], w_out), (s[1], dw * s[3], s[2], s[0], sw * s[3]),
+                         xw.storage_offset())
+
+
+def kernel_rows(conv: nn.Conv2d, h: int, h_out: int) -> List[Tuple[int, int, int]]:
+    """For each kernel row: the output rows ``[first, end)`` that meet an input row there, and the first of those
+    input rows (the next ones follow at the vertical stride)."""
+    kh, dh, sh, ph = conv.kernel_size[0], conv.dilation[0], conv.stride[0], conv.padding[0]
+    out = []
+    for i in range(kh):
+        first = max(0, -((i * dh - ph) // sh))  # ceil((ph - i·dh) / sh)
+        end = min(h_out, (h - 1 + ph - i * dh) // sh + 1)
+        out.append((first, max(first, end), first * sh + i * dh - ph))
+    return out
+
+
+def conv_weight_grads(conv: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[B, *conv.weight.shape]``: each example's weight gradient, ``Σ_p g_p ã_pᵀ``, one batched product per kernel
+    row over the width-unfolded input (no full unfold)."""
+    b, c, h, _ = x.shape
+    out, h_out, w_out = g.shape[1:]
+    (kh, kw), sh = conv.kernel_size, conv.stride[0]
+    y = width_view(conv, x, w_out).permute(3, 0, 1, 2, 4).reshape(b, c * kw, h, w_out)
+    rows = []
+    for first, end, r in kernel_rows(conv, h, h_out):
+        a = y[:, :, r::sh][:, :, :end - first].reshape(b, c * kw, -1)
+        rows.append(torch.bmm(g[:, :, first:end].reshape(b, out, -1), a.transpose(1, 2)))
+    return torch.stack(rows, 2).view(b, out, kh, c, kw).transpose(2, 3).reshape(b, out, c, kh, kw)
+
+
+def token_inputs(layer: Layer, call: Call) -> torch.Tensor:
+    """``[B, T, in]``: a Kronecker layer's input at each of its ``T`` positions (a convolution's: patches)."""
+    a = call.inputs
+    if layer.kind == "conv2d":
+        return patches(layer.module, a).transpose(1, 2)
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+def token_grads(layer: Layer, call: Call) -> torch.Tensor:
+    """``[B, T, out]``: the gradient at a Kronecker layer's output at each of its ``T`` positions."""
+    g = call.grad
+    assert g is not None
+    if layer.kind == "conv2d":
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
 def tokens(layer: Layer, call: Call) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(a [B, T, in], g [B, T, out])`` of a Kronecker layer (Conv1D and Linear alike; conv over positions)."""
-    a, g = call.inputs, call.grad
-    assert g is not None
-    if layer.kind == "conv2d":
-        return a.transpose(1, 2), g.flatten(2).transpose(1, 2)
-    b = a.shape[0]
-    return a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+    return token_inputs(layer, call), token_grads(layer, call)
 
 
 def example_grads(layer: Layer, calls: Sequence[Call]) -> Dict[str, torch.Tensor]:
@@ -224,7 +287,11 @@ def example_grads(layer: Layer, calls: Sequence[Call]) -> Dict[str, torch.Tensor
     for call in calls:
         if call.grad is None:
             continue
-        if layer.kind in KRONECKER_KINDS:
+        if layer.kind == "conv2d":
+            if layer.weight is not None:
+                add(layer.weight, conv_weight_grads(m, call.inputs, call.grad))
+            add(layer.bias, call.grad.sum((2, 3)))
+        elif layer.kind in KRONECKER_KINDS:
             a, g = tokens(layer, call)
             if layer.weight is not None:
                 w = torch.bmm(g.transpose(1, 2), a)  # [B, out, in]
@@ -242,7 +309,7 @@ def example_grads(layer: Layer, calls: Sequence[Call]) -> Dict[str, torch.Tensor
                 w[:, m.padding_idx] = 0
             add(layer.weight, w)
         else:  # norm affine: elementwise on the normalised input
-            xhat, g = call.inputs, call.grad
+            xhat, g = _normalised(layer, call.inputs), call.grad
             if layer.kind == "layernorm":
                 lead = tuple(range(1, g.dim() - len(m.normalized_shape)))
                 add(layer.weight, (g * xhat).sum(lead) if lead else g * xhat)

@@ -31,10 +31,12 @@ import torch
 
 from ...errors import MSIFError
 from ..data import batch_size_of, slice_batch
-from ..layers import KRONECKER_KINDS, Layer, example_grads, iterate_calls, leftover_grads, tokens
+from ..layers import (KRONECKER_KINDS, Call, Layer, example_grads, iterate_calls, leftover_grads, token_grads,
+                      token_inputs)
 from ..objective import Objective
 from ..params import Params, ParamSpace
 from .base import Curvature, register_curvature
+from .conv import bordered, patch_moment, rotated_patches
 
 FISHERS = ("true", "empirical")
 EXACT_LABELS = 32  # the Fisher cross block sums over the labels in closed form up to this many classes
@@ -117,10 +119,6 @@ class Block:
         return m
 
 
-def _with_ones(a: torch.Tensor) -> torch.Tensor:
-    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
-
-
 class _Fit:
     """The blocks of one curvature fit, and the passes over the data that fill them."""
 
@@ -174,28 +172,60 @@ class _Fit:
         return self.obj.comm.all_reduce_sum(t)
 
 
-def _rotated_layer_grads(block: Block, calls: Sequence[Any]) -> Optional[torch.Tensor]:
+def _input_moment(layer: Layer, call: Call, dtype: torch.dtype) -> torch.Tensor:
+    """``Σ ã ãᵀ`` over a call's examples and positions (``ã``: the input, a 1 appended with a bias), products in the
+    data's precision, the sum in ``dtype``; a convolution's without unfolding its input where it can."""
+    bias = layer.bias is not None
+    if layer.kind == "conv2d":
+        moment = patch_moment(layer.module, call.inputs, bias, dtype)
+        if moment is not None:
+            return moment
+    a = token_inputs(layer, call)
+    a = a.reshape(-1, a.shape[-1])
+    moment = (a.T @ a).to(dtype)
+    return bordered(moment, a.sum(0, dtype=dtype), float(a.shape[0])) if bias else moment
+
+
+def _tokens_first(block: Block, call: Call) -> bool:
+    """Whether rotating each position's input and output gradient before contracting them over the positions costs
+    fewer products than contracting first (each example's gradient) and rotating that."""
+    g = token_grads(block.layer, call)
+    t, n_out, n_in = g.shape[1], g.shape[2], block.q_a.shape[0]
+    return t * (n_out * n_out + n_in * n_in) < t * n_out * n_in + n_out * n_in * (n_out + n_in)
+
+
+def _rotated_tokens(block: Block, call: Call) -> torch.Tensor:
+    """``[B, out, in']``: ``Σ_t (Q_Sᵀ g_t)(Q_Aᵀ ã_t)ᵀ`` per example (a convolution's rotated patches by convolution)."""
+    layer, q_a = block.layer, block.q_a
+    bias = layer.bias is not None
+    if layer.kind == "conv2d":
+        a = rotated_patches(layer.module, call.inputs, q_a, bias).transpose(1, 2)  # [B, L, in']
+        return torch.bmm(block.q_s.T @ call.grad.flatten(2), a)
+    a = token_inputs(layer, call)
+    a = a @ q_a[:-1] + q_a[-1] if bias else a @ q_a
+    return torch.bmm((token_grads(layer, call) @ block.q_s).transpose(1, 2), a)
+
+
+def _rotated_layer_grads(block: Block, calls: Sequence[Call]) -> Optional[torch.Tensor]:
     """``[B, out, in']``: each example's gradient of a Kronecker layer in the block's eigenbasis, ``Q_Sᵀ G Q_A``
-    (summed over the layer's calls), by whichever order of products is cheaper for its sizes."""
-    total = None
+    (summed over the layer's calls), in whichever order of products is cheaper for each call's sizes."""
+    first: List[Call] = []
+    rest: List[Call] = []
     for call in calls:
-        if call.grad is None:
-            continue
-        a, g = tokens(block.layer, call)
-        if block.layer.bias is not None:
-            a = _with_ones(a)
-        t, n_out, n_in = a.shape[1], g.shape[-1], a.shape[-1]
-        if t * (n_out * n_out + n_in * n_in) < t * n_out * n_in + n_out * n_in * (n_out + n_in):
-            m = torch.bmm((g @ block.q_s).transpose(1, 2), a @ block.q_a)  # rotate the tokens, then contract
-        else:
-            m = block.q_s.T @ torch.bmm(g.transpose(1, 2), a) @ block.q_a  # contract, then rotate
+        if call.grad is not None:
+            (first if _tokens_first(block, call) else rest).append(call)
+    total = block.rotate(block.matrix(example_grads(block.layer, rest))) if rest else None
+    for call in first:
+        m = _rotated_tokens(block, call)
         total = m if total is None else total + m
     return total
 
 
-def _embedding_grads(block: Block, calls: Sequence[Any]) -> Optional[torch.Tensor]:
-    grads = example_grads(block.layer, calls)
-    return grads.get(block.layer.weight)
+def _rotated_embedding_grads(block: Block, calls: Sequence[Call]) -> Optional[torch.Tensor]:
+    """``[B, V, D]``: each example's gradient of an embedding in the block's eigenbasis, ``G Q_S``: each token's
+    output gradient rotated before it is added into its row (``T`` rows per example instead of ``V``)."""
+    rotated = [Call(call.inputs, grad=call.grad @ block.q_s) for call in calls if call.grad is not None]
+    return example_grads(block.layer, rotated).get(block.layer.weight)
 
 
 def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], options: KFACOptions,
@@ -220,12 +250,11 @@ def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], 
                 if call.grad is None:
                     continue
                 if block.kind == "kronecker":
-                    a, g = tokens(block.layer, call)
-                    a = _with_ones(a) if block.layer.bias is not None else a
-                    a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-                    add(i, "A", a.T @ a)  # products in the data's precision, sums in covariance_dtype
-                    add(i, "S", g.T @ g)
-                    add(i, "positions", torch.tensor(float(a.shape[0])))
+                    g = token_grads(block.layer, call)
+                    g = g.reshape(-1, g.shape[-1])
+                    add(i, "A", _input_moment(block.layer, call, dt))
+                    add(i, "S", g.T @ g)  # products in the data's precision, sums in covariance_dtype
+                    add(i, "positions", torch.tensor(float(g.shape[0])))
                 else:  # embedding: one-hot inputs, so Ā is the token counts
                     ids, g = call.inputs.reshape(-1), call.grad.reshape(-1, call.grad.shape[-1]).to(dt)
                     keep = ids != block.layer.module.padding_idx if block.layer.module.padding_idx is not None \
@@ -256,9 +285,10 @@ def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], 
             d_a = (s["A"] / positions).double()
         block.eig = (d_s.clamp_min(0)[:, None] * d_a.clamp_min(0)[None, :]) if block.kind == "kronecker" else \
             (d_a.clamp_min(0)[:, None] * d_s.clamp_min(0)[None, :])
-        block.q_s = block.q_s.to(objective.dtype)
+        # row-major (eigh's are column-major): the products then match those of factors read back from a snapshot
+        block.q_s = block.q_s.to(objective.dtype).contiguous()
         if block.q_a is not None:
-            block.q_a = block.q_a.to(objective.dtype)
+            block.q_a = block.q_a.to(objective.dtype).contiguous()
     if correct:
         _correct(fit, objective, indices, n)
     for block in fit.blocks:
@@ -278,11 +308,8 @@ def _correct(fit: _Fit, objective: Objective, indices: Sequence[int], n: float) 
         for i in targets:
             block = fit.blocks[i]
             calls = capture.calls.get(block.layer.path, [])
-            if block.kind == "kronecker":
-                g = _rotated_layer_grads(block, calls)
-            else:
-                g = _embedding_grads(block, calls)
-                g = block.rotate(g) if g is not None else None
+            rotated = _rotated_layer_grads if block.kind == "kronecker" else _rotated_embedding_grads
+            g = rotated(block, calls)
             if g is None:
                 continue
             value = g.pow(2).sum(0).to(dt)
