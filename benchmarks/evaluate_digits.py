@@ -1,15 +1,16 @@
 """Do the scores predict retraining? Leave-one-out and LDS on the digits recipe, against the baselines.
 
-``DigitsRecipe`` (``lightning_msif.demo.digits_recipe``): pretrain an MLP (64 → H → H → 5, tanh) on
-digits 0–4 with 5% of the labels corrupted, finetune a new head on digits 5–9 (``mode=fixed``), float64,
-both stages solved to max |gradient| ≤ 1e-9 with an L2 penalty λ that is also the influence damping.
-Printed: the settings, the table (leave-one-out Pearson/Spearman of ``−S/n`` with the measured loss
-changes over all (removed example, query) pairs; LDS mean ± std over seeds) and the wall time of the
-evaluation; then the same evaluation with a second solver and with other curvatures (Gauss-Newton, K-FAC,
-EK-FAC), whose retraining runs all come from the cache.
+``DigitsRecipe`` (``lightning_msif.demo.digits_recipe``): pretrain an MLP (64 → H → H → 5, tanh; ``--arch cnn``:
+a 3×3 convolution, average pooling, a linear layer to H) on digits 0–4 with 5% of the labels corrupted,
+finetune a new head on digits 5–9 (``mode=fixed``), float64, both stages solved to max |gradient| ≤ 1e-9
+with an L2 penalty λ that is also the influence damping. Printed: the settings, the table (leave-one-out
+Pearson/Spearman of ``−S/n`` with the measured loss changes over all (removed example, query) pairs; LDS
+mean ± std over seeds) and the wall time of the evaluation; then the same evaluation with a second solver
+and with other curvatures (Gauss-Newton, K-FAC, EK-FAC), whose retraining runs all come from the cache.
 
-Run: ``.venv/bin/python benchmarks/evaluate_digits.py`` (about three minutes on 2 cores), ``--procs 2``
-to share the retraining runs between two processes (gloo), ``--quick`` for a smoke run.
+Run: ``.venv/bin/python benchmarks/evaluate_digits.py`` (about three minutes on 2 cores; docs/results.md §7 adds
+``--finetune-limit 50``, and ``--arch cnn`` for its CNN table), ``--procs 2`` to share the retraining runs
+between two processes (gloo), ``--quick`` for a smoke run.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def run(rank: int, args: argparse.Namespace, port: int) -> None:
                           queries=args.queries, arch=args.arch, finetune_limit=args.finetune_limit)
     n, k = len(recipe.pretrain_data), len(recipe.query_data)
     say(f"digits recipe: n = {n} pretraining examples (5% corrupted labels), {len(recipe.finetune_data)} finetune, "
-        f"{k} queries; hidden {args.hidden}, λ = {args.weight_decay}, mode {args.mode}; "
+        f"{k} queries; {args.arch}, hidden {args.hidden}, λ = {args.weight_decay}, mode {args.mode}; "
         f"{args.procs} process(es) × {args.threads} thread(s)")
     say(f"leave-one-out: {args.loo} random examples; LDS: {args.subsets} subsets of {args.fraction:.0%} × seeds "
         f"{list(range(args.seeds))}; warm start: {not args.cold}\n")
@@ -79,7 +80,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--queries", type=int, default=None, help="first Q finetune validation examples (default all)")
     ap.add_argument("--solver", default="exact", help="solver of the first evaluation")
     ap.add_argument("--second-solver", default="cg", help="solver of the second evaluation (reuses every retrain)")
-    ap.add_argument("--arch", default="mlp", choices=["mlp", "cnn"], help="backbone (cnn: slow to retrain on a CPU)")
+    ap.add_argument("--arch", default="mlp", choices=["mlp", "cnn"],
+                    help="backbone: the MLP or a small CNN (one 3×3 convolution, average pooling; ``backbone_of``)")
     ap.add_argument("--finetune-limit", type=int, default=None,
                     help="first N finetune examples only (e.g. 50: a task where the pretrained backbone helps)")
     ap.add_argument("--curvatures", default="ggn:exact,kfac:direct,ekfac:direct",

@@ -42,3 +42,27 @@ def test_recipe_variants_a_small_finetune_set_and_a_convolutional_backbone():
     cnn = DigitsClassifier(hidden=8, arch="cnn")
     assert any(isinstance(m, torch.nn.Conv2d) for m in cnn.backbone.modules())
     assert cnn(torch.zeros(3, 64)).shape == (3, 5)
+    assert "Conv2d" in DigitsRecipe(arch="cnn").identity()["backbone"]  # a changed CNN does not reuse cached retrains
+
+
+def test_cnn_recipe_reaches_the_optimum_of_both_stages_and_pretraining_helps():
+    from torch.func import grad
+
+    from lightning_msif.evaluation.retrain import query_losses, recipe_loss
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recipe = DigitsRecipe(arch="cnn", finetune_limit=50, limit=400)
+        every = torch.arange(len(recipe.pretrain_data))
+        pre, fine = recipe(every.tolist(), 0)
+        random = recipe.without_pretraining(0)
+    finally:
+        torch.set_num_threads(before)
+    assert any(isinstance(m, torch.nn.Conv2d) for m in pre.backbone.modules())
+    for space, objective, model in ((*recipe._pretrain_objective(pre, every), pre),
+                                    (*recipe._finetune_objective(fine, pre), fine)):
+        assert grad(objective)(space.flatten(dict(model.named_parameters()))).abs().max() <= recipe.tol
+    loss = {name: query_losses(m, recipe.query_data, recipe_loss(recipe, "finetune", m)).mean().item()
+            for name, m in (("pretrained", fine), ("random", random))}
+    assert loss["pretrained"] < 0.8 * loss["random"], loss

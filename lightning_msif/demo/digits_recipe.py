@@ -27,7 +27,7 @@ from torch.utils.data import Subset
 
 from ..core.params import ParamSpace
 from ..errors import MSIFError
-from .digits import DigitsClassifier, DigitsDataModule
+from .digits import DigitsClassifier, DigitsDataModule, backbone_of
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 NEWTON_STEPS = 30  # cap on the warm-start Newton steps before L-BFGS takes over
@@ -36,7 +36,9 @@ NEWTON_STEPS = 30  # cap on the warm-start Newton steps before L-BFGS takes over
 class DigitsRecipe:
     """``recipe(pretrain_indices, seed, init=None) -> (pretrain_model, finetune_model)`` on sklearn digits.
 
-    ``hidden``: backbone width; ``weight_decay``: λ of both stages (and the influence damping);
+    ``arch``: ``mlp`` or ``cnn`` (``backbone_of``); ``hidden``: backbone width; ``finetune_limit``: the first this
+    many finetune examples only (a small finetune set, where the pretrained backbone helps);
+    ``weight_decay``: λ of both stages (and the influence damping);
     ``corrupt_fraction``, ``limit``, ``data_seed``: as ``DigitsDataModule``; ``queries``: the first this many
     examples of the finetune ``query_split`` (all if None); ``tol``: max |gradient| at which a stage stops.
     """
@@ -59,6 +61,9 @@ class DigitsRecipe:
                                            query_split=query_split, data_seed=data_seed, tol=tol, max_iter=max_iter)
         if arch != "mlp" or finetune_limit is not None:  # keep the identity (and cached retrains) of older recipes
             self.config.update(arch=arch, finetune_limit=finetune_limit)
+        if arch != "mlp":  # the layers themselves: a changed CNN must not reuse the cached retrains of an older one
+            with torch.random.fork_rng(devices=[]):
+                self.config["backbone"] = repr(backbone_of(arch, hidden))
         pretrain = DigitsDataModule(task="pretrain", corrupt_fraction=corrupt_fraction, seed=data_seed, limit=limit)
         finetune = DigitsDataModule(task="finetune", seed=data_seed, limit=limit)
         self.pretrain_data = pretrain.train_dataset
@@ -152,6 +157,14 @@ class DigitsRecipe:
             fine.backbone.load_state_dict(pre.backbone.state_dict())
         self._fit(fine, *self._finetune_objective(fine, pre), factors[1], "finetune")
         return pre, fine
+
+    def without_pretraining(self, seed: int) -> nn.Module:
+        """The finetune stage on ``seed``'s initial, never pretrained backbone (and θ̂ = that backbone in updated
+        mode): the baseline a pretrained backbone has to beat for pretraining to help."""
+        pre, fine = self._models(seed)
+        fine.backbone.load_state_dict(pre.backbone.state_dict())
+        self._fit(fine, *self._finetune_objective(fine, pre), None, "finetune")
+        return fine
 
 
 def _first(data: Any, n: int) -> Any:
