@@ -21,8 +21,9 @@ scores and pyDVL's ``influences(mode=Up)`` are ``−Sᵀ``.
    ``solver="exact"`` against ``DirectInfluence``, our ``solver="cg"`` (``--cg-tol``) against
    ``CgInfluence`` (its block CG, with its stopping rule set to ours), each also against the exact
    Hessian score in float64; at λ and, when ``H + λI`` is not positive definite there (CG's
-   precondition), again at the smallest of ``--cg-dampings`` where it is. Extra rows: our default
-   ``rhs_chunk_size`` raised (``--chunk-exact``; all queries at once for CG).
+   precondition), again at the smallest of ``--cg-dampings`` where it is, with ``solver="block_cg"`` too
+   (one Krylov space for all queries, as pyDVL's block CG). The Hessian's spectrum comes from an explicit
+   float64 Hessian built here, outside the timings.
 3. A compact table at the end (``--markdown``: also as markdown).
 
 Run: ``.venv/bin/python benchmarks/curvature_vs_peers.py`` (about 2 minutes on 2 cores), or ``--quick``
@@ -207,7 +208,7 @@ def run_ours(key: str, method: str, p: Problem, args: argparse.Namespace, dtype:
                    info={"error": str(err), "expected": expect_failure})
     solve = info.get("solves", {}).get("pretrain", {})
     note = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in solve.items()
-                     if k in ("iterations", "relative_residual", "min_eigenvalue") and isinstance(v, (int, float)))
+                     if k in ("iterations", "relative_residual", "negative_eigenvalues") and isinstance(v, (int, float)))
     return Run(key, "lightning-msif", method, scores.detach(), seconds, runs, note, info)
 
 
@@ -283,9 +284,14 @@ def run_pydvl(key: str, kind: str, p: Problem, args: argparse.Namespace, damping
     def call() -> Tuple[torch.Tensor, Dict]:
         if kind == "direct":
             model = DirectInfluence(p.model, F.cross_entropy, regularization=lam)
-        else:  # block CG; it stops when ‖r_j‖ ≤ max(rtol²·‖b_j‖, atol²): rtol = √tol, atol = 0 is ours
+        elif kind == "cg":  # block CG; it stops when ‖r_j‖ ≤ max(rtol²·‖b_j‖, atol²): rtol = √tol, atol = 0 is ours
             model = CgInfluence(p.model, F.cross_entropy, regularization=lam, rtol=math.sqrt(args.cg_tol), atol=0.0,
                                 maxiter=args.cg_max_iter, solve_simultaneously=True, warn_on_max_iteration=True)
+        else:  # one CG per query; its per-query rtol is mis-indexed (column norms), so one absolute tol, as strict
+            # as ours for the smallest right-hand side: ‖r_j‖ ≤ atol² = tol · min_j ‖b_j‖ (b_j = ∇f(q_j))
+            model = CgInfluence(p.model, F.cross_entropy, regularization=lam, rtol=0.0,
+                                atol=math.sqrt(args.cg_tol * query_grad_norms(p).min().item()),
+                                maxiter=args.cg_max_iter, solve_simultaneously=False, warn_on_max_iteration=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = model.fit(loader)
@@ -295,11 +301,25 @@ def run_pydvl(key: str, kind: str, p: Problem, args: argparse.Namespace, damping
 
     scores, seconds, runs, info = timed(call, args.repeats)
     if info.get("warnings"):
-        achieved = re.search(r"Achieved max residuum is\s*([0-9.eE+-]+|nan|inf)", info["warnings"][0])
+        achieved = re.search(r"Achieved (?:max )?residuum is\s*([0-9.eE+-]+|nan|inf)", info["warnings"][0])
         value = achieved.group(1).rstrip(".") if achieved else "nan"
         note = f"hit maxiter={args.cg_max_iter} short of its tol (warned; max ‖r‖ {float(value):.3g})"
-    method = "DirectInfluence" if kind == "direct" else f"CgInfluence (block, tol {args.cg_tol:g})"
+    method = {"direct": "DirectInfluence", "cg": f"CgInfluence (block, tol {args.cg_tol:g})",
+              "cg1": f"CgInfluence (one CG per query, tol {args.cg_tol:g})"}[kind]
     return Run(key, "pyDVL", method, scores, seconds, runs, note, info)
+
+
+def query_grad_norms(p: Problem) -> torch.Tensor:
+    """``‖∇f(q_j)‖`` of every query (mean-reduction cross-entropy of one example), the CG right-hand sides."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: v.detach() for n, v in p.model.named_parameters()}
+
+    def loss(prm: Dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(p.model, prm, (x[None],)), y[None])
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, *p.query.tensors)
+    return torch.cat([t.flatten(1) for t in g.values()], 1).norm(dim=1)
 
 
 def available(module: str) -> Optional[str]:
@@ -318,10 +338,25 @@ def available(module: str) -> Optional[str]:
     return "?"
 
 
-def min_eigenvalue(run: Run) -> Optional[float]:
-    """The smallest eigenvalue of the damped matrix that our exact solver factorised."""
-    v = run.info.get("solves", {}).get("pretrain", {}).get("min_eigenvalue")
-    return float(v) if v is not None else None
+def hessian_spectrum(p: Problem) -> torch.Tensor:
+    """Eigenvalues (ascending, float64) of the exact Hessian of the mean training loss, built without the library:
+    ``vmap`` of the gradient's pullback over the identity, on a float64 copy. CG needs ``H + λI ≻ 0``."""
+    from torch.func import functional_call, grad, vjp, vmap
+
+    model = copy.deepcopy(p.model).double()
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: v.detach() for n, v in model.named_parameters()}
+    x, y = p.train.tensors[0].double(), p.train.tensors[1]
+    _, pull = vjp(grad(lambda prm: F.cross_entropy(functional_call(model, prm, (x,)), y)), params)
+    sizes = [params[n].numel() for n in names]
+
+    def column(v: torch.Tensor) -> torch.Tensor:
+        parts = dict(zip(names, (t.reshape(params[n].shape) for n, t in zip(names, torch.split(v, sizes)))))
+        out = pull(parts)[0]
+        return torch.cat([out[n].reshape(-1) for n in names])
+
+    h = vmap(column, chunk_size=64)(torch.eye(sum(sizes), dtype=torch.float64))
+    return torch.linalg.eigvalsh((h + h.T) / 2)
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -455,53 +490,51 @@ def fisher_spread(p: Problem, args: argparse.Namespace, ref: torch.Tensor,
     return out
 
 
-def section_solvers(p: Problem, args: argparse.Namespace, have_dvl: bool) -> Tuple[List[Row], Dict[str, Run]]:
+def section_solvers(p: Problem, args: argparse.Namespace, have_dvl: bool,
+                    spectrum: torch.Tensor) -> Tuple[List[Row], Dict[str, Run]]:
     """2. Exact and CG solves of the Hessian against pyDVL, and each against the float64 exact Hessian score."""
     runs: Dict[str, Run] = {}
     rows: List[Row] = []
     runs["h64"] = run_ours("h64", "hessian + exact (float64)", p, args, torch.float64, curvature="hessian",
                            solver="exact")
-    lam_min = min_eigenvalue(runs["h64"])
+    h_min = spectrum[0].item()
+    lam_min = h_min + args.damping  # the smallest eigenvalue of H + λI
     runs["h_exact"] = run_ours("h_exact", "hessian + exact", p, args, curvature="hessian", solver="exact")
-    runs["h_exact_c"] = run_ours("h_exact_c", f"hessian + exact, rhs_chunk_size={args.chunk_exact}", p, args,
-                                 curvature="hessian", solver="exact", rhs_chunk_size=args.chunk_exact)
     cg_kw = {"curvature": "hessian", "solver": "cg", "tol": args.cg_tol, "max_iter": args.cg_max_iter}
-    runs["h_cg"] = run_ours("h_cg", f"hessian + cg (tol {args.cg_tol:g})", p, args,
-                            expect_failure=lam_min is not None and lam_min <= 0, **cg_kw)
+    runs["h_cg"] = run_ours("h_cg", f"hessian + cg (tol {args.cg_tol:g})", p, args, expect_failure=lam_min <= 0,
+                            **cg_kw)
     if have_dvl:
         runs["d_direct"] = run_pydvl("d_direct", "direct", p, args)
         runs["d_cg"] = run_pydvl("d_cg", "cg", p, args)
     ref = runs["h64"]
     rows.append(compare("2", ref, None, f"(reference, λ={args.damping:g})"))
-    for k in ("h_exact", "h_exact_c", "d_direct", "h_cg", "d_cg"):
+    for k in ("h_exact", "d_direct", "h_cg", "d_cg"):
         if k in runs:
             rows.append(compare("2", runs[k], ref, "exact Hessian f64"))
     for ours_key, theirs_key in (("h_exact", "d_direct"), ("h_cg", "d_cg")):
         if theirs_key in runs and runs[ours_key].scores is not None:
             rows.append(compare("2", runs[theirs_key], runs[ours_key], f"ours: {runs[ours_key].method}"))
     # CG needs H + λI ≻ 0: where it is not at λ, repeat the CG pair at the smallest damping where it is
-    if lam_min is not None and lam_min <= 0:
-        shift = lam_min - args.damping  # the Hessian's smallest eigenvalue
-        lam2 = next((d for d in args.cg_dampings if d + shift > 0.1 * d), None)
+    if lam_min <= 0:
+        lam2 = next((d for d in args.cg_dampings if d + h_min > 0.1 * d), None)
         if lam2 is not None:
             tag = f"λ={lam2:g}"
             runs["h64_2"] = run_ours("h64_2", f"hessian + exact (float64), {tag}", p, args, torch.float64,
                                      damping=lam2, curvature="hessian", solver="exact")
             runs["h_cg_2"] = run_ours("h_cg_2", f"hessian + cg (tol {args.cg_tol:g}), {tag}", p, args, damping=lam2,
                                       **cg_kw)
-            runs["h_cg_2c"] = run_ours("h_cg_2c", f"hessian + cg, {tag}, rhs_chunk_size={args.n_query}", p, args,
-                                       damping=lam2, rhs_chunk_size=args.n_query, **cg_kw)
             runs["h_bcg_2"] = run_ours("h_bcg_2", f"hessian + block_cg (tol {args.cg_tol:g}), {tag}", p, args,
                                        damping=lam2, **{**cg_kw, "solver": "block_cg"})
             rows.append(compare("2b", runs["h64_2"], None, f"(reference, {tag})"))
-            for key in ("h_cg_2", "h_cg_2c", "h_bcg_2"):
+            for key in ("h_cg_2", "h_bcg_2"):
                 rows.append(compare("2b", runs[key], runs["h64_2"], "exact Hessian f64"))
             if have_dvl:
-                runs["d_cg_2"] = run_pydvl("d_cg_2", "cg", p, args, damping=lam2)
-                runs["d_cg_2"].method += f", {tag}"
-                rows.append(compare("2b", runs["d_cg_2"], runs["h64_2"], "exact Hessian f64"))
-                if runs["h_cg_2"].scores is not None:
-                    rows.append(compare("2b", runs["d_cg_2"], runs["h_cg_2"], "ours: cg"))
+                for key, kind in (("d_cg_2", "cg"), ("d_cg1_2", "cg1")):
+                    runs[key] = run_pydvl(key, kind, p, args, damping=lam2)
+                    runs[key].method += f", {tag}"
+                    rows.append(compare("2b", runs[key], runs["h64_2"], "exact Hessian f64"))
+                if runs["h_bcg_2"].scores is not None:
+                    rows.append(compare("2b", runs["d_cg_2"], runs["h_bcg_2"], "ours: block_cg"))
     return rows, runs
 
 
@@ -527,8 +560,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="when H + λI is indefinite: CG again at the first of these where H + damping·I ≻ 0")
     ap.add_argument("--fisher-seeds", type=int, default=5,
                     help="true Fisher: Pearson/rel. error over this many label draws (ours: fisher_seed, kronfluence: torch seed)")
-    ap.add_argument("--chunk-exact", type=int, default=256,
-                    help="rhs_chunk_size of the extra 'exact' row (the Hessian's columns vectorised at once)")
     ap.add_argument("--no-check", action="store_true",
                     help="skip rebuilding the GGN reference without the library (torch.func Jacobians, float64)")
     ap.add_argument("--repeats", type=int, default=3,
@@ -583,14 +614,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ref1 = runs1["ggn"]
     spread = fisher_spread(p, args, ref1.scores, kron is not None) if args.fisher_seeds > 1 else {}
     check = None if args.no_check else rel_err(ref1.scores, independent_ggn_scores(p, args.damping))
-    rows2, runs2 = section_solvers(p, args, dvl is not None)
+    spectrum = hessian_spectrum(p)
+    rows2, runs2 = section_solvers(p, args, dvl is not None, spectrum)
     for run in {**runs1, **runs2}.values():
         if run.scores is None and not run.info.get("expected"):
             failures.append(f"{run.method}: {run.info.get('error')}")
 
     ggn_solve = ref1.info["solves"]["pretrain"]
-    print(f"\n1. Kronecker-factored curvatures against the exact GGN score (float64; spectrum of G + λI "
-          f"[{ggn_solve['min_eigenvalue']:.3g}, {ggn_solve['max_eigenvalue']:.3g}])")
+    print(f"\n1. Kronecker-factored curvatures against the exact GGN score (float64; G + λI "
+          f"{'positive definite' if ggn_solve['positive_definite'] else 'indefinite'})")
     if check is not None:
         print(f"  reference check: the same score rebuilt without the library (torch.func Jacobians, dense solve, "
               f"float64) differs by {check:.1e}")
@@ -614,14 +646,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"ours {_f(mine.pearson, '.3f')}")
 
     h64 = runs2["h64"].info["solves"]["pretrain"]
-    indefinite = h64["min_eigenvalue"] <= 0
-    print(f"\n2. Solvers on the exact Hessian against pyDVL: spectrum of H + λI [{h64['min_eigenvalue']:.3g}, "
-          f"{h64['max_eigenvalue']:.3g}]" + (" — indefinite at this λ: CG's precondition fails" if indefinite else ""))
+    low, high = spectrum[0].item() + args.damping, spectrum[-1].item() + args.damping
+    print(f"\n2. Solvers on the exact Hessian against pyDVL: spectrum of H + λI [{low:.3g}, {high:.3g}], "
+          f"{int((spectrum + args.damping < 0).sum())} negative eigenvalues (our exact solver's L D Lᵀ inertia: "
+          f"{h64['negative_eigenvalues']})" + (" — indefinite at this λ: CG's precondition fails" if low <= 0 else ""))
     for run in runs2.values():
         if run.scores is None:
             print(f"  {run.method}: {run.info['error']}")
-    for a, b in (("h_exact", "d_direct"), ("h_exact_c", "d_direct"), ("h_cg", "d_cg"), ("h_cg_2", "d_cg_2"),
-                 ("h_cg_2c", "d_cg_2")):
+    for a, b in (("h_exact", "d_direct"), ("h_cg", "d_cg"), ("h_cg_2", "d_cg1_2"), ("h_cg_2", "d_cg_2"),
+                 ("h_bcg_2", "d_cg_2")):
         if a in runs2 and b in runs2 and runs2[a].scores is not None:
             ra, rb = runs2[a], runs2[b]
             print(f"  {ra.method}: {ra.seconds:.3f} s; pyDVL {rb.method}: {rb.seconds:.3f} s; ours / pyDVL = "

@@ -1,7 +1,7 @@
 """What ``curvature="auto"`` and ``solver="auto"`` choose, and why (the reason goes into the run record).
 
 - Curvature: the exact Hessian for a stage small enough for a dense solve whose model supports
-  forward-over-reverse autodiff under ``vmap`` (checked on one example); EK-FAC otherwise, which needs
+  reverse-over-reverse autodiff under ``vmap`` (checked on one batch); EK-FAC otherwise, which needs
   first-order quantities only (fused attention kernels, ``.item()`` in a forward, any size).
 - Solver: the curvature's closed-form inverse when it has one (``direct``), a dense ``exact`` solve up to
   ``max_dense_params``, block conjugate gradient above.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, vjp, vmap
 
 from .comm import Communicator
 from .curvature.base import Curvature
@@ -29,9 +29,8 @@ def _hessian_runs(obj: Objective, space: ParamSpace, indices: Sequence[int]) -> 
     batch, _ = next(obj.batches(list(indices[: obj.source.batch_size]), shard=False))  # also checks the losses
     try:
         base = {n: obj.params[n] for n in space.names}
-        g = grad(lambda p: obj.losses(p, batch).sum())
-        vmap(lambda v: jvp(g, (base,), (space.unflatten(v),))[1])(torch.zeros(1, space.dim, device=obj.device,
-                                                                                 dtype=obj.dtype))
+        _, pullback = vjp(grad(lambda p: obj.losses(p, batch).sum()), base)
+        vmap(lambda v: pullback(space.unflatten(v)))(torch.zeros(1, space.dim, device=obj.device, dtype=obj.dtype))
     except (RuntimeError, NotImplementedError) as err:
         return False, f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
     return True, ""
@@ -43,7 +42,7 @@ def choose_curvature(obj: Objective, space: ParamSpace, indices: Sequence[int], 
         return "ekfac", f"{space.dim} parameters > {AUTO_HESSIAN_MAX_PARAMS}: Kronecker-factored Fisher (EK-FAC)"
     ok, why = _hessian_runs(obj, space, indices) if len(indices) else (True, "")
     if not agreed(comm, ok):
-        return "ekfac", f"the model does not support forward-over-reverse autodiff under vmap ({why or 'on a rank'})"
+        return "ekfac", f"the model does not support reverse-over-reverse autodiff under vmap ({why or 'on a rank'})"
     return "hessian", f"{space.dim} parameters ≤ {AUTO_HESSIAN_MAX_PARAMS}: exact Hessian"
 
 

@@ -2,7 +2,7 @@
 
 Everything the formulas need from one stage lives here: per-example losses at substituted
 parameters (``torch.func.functional_call``), per-example gradients (``vmap(grad)``), directional
-derivatives (``jvp``) and Hessian-vector products (forward-over-reverse) summed over a sharded set
+derivatives (``jvp``) and Hessian-vector products (reverse-over-reverse) summed over a sharded set
 of examples. Memory is bounded by ``chunk_size`` examples × parameters at any time (for ``jvp``
 scoring: ``chunk_size`` example–query pairs × activations).
 """
@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from ..errors import MSIFError
@@ -170,9 +170,14 @@ class Objective:
             if progress is not None:
                 progress.update(len(idx))
 
-    def itemsize_per_column(self, space: ParamSpace) -> int:
-        """Bytes one vectorised Hessian-vector column holds: its tangent and result over ``space`` and, three times
-        over (forward, tangents, backward), the activations of one batch (measured once on the first batch)."""
+    def itemsize_per_column(self, space: ParamSpace, batch_size: Optional[int] = None) -> int:
+        """Bytes one vectorised Hessian-vector column holds: its tangent and result over ``space``, and the
+        activations of a batch of ``batch_size`` (default: the data's) three times over."""
+        return 2 * space.dim * self.dtype.itemsize + self.activation_bytes(batch_size)
+
+    def activation_bytes(self, batch_size: Optional[int] = None) -> int:
+        """Three times (forward, tangents, backward) the activations of a batch of ``batch_size`` (default: the
+        data's); the activations of one example are measured once, on the first."""
         if not hasattr(self, "_activation_numel"):
             numel = [0]
             hooks = [m.register_forward_hook(lambda m, i, o: numel.__setitem__(0, numel[0] + (
@@ -184,8 +189,8 @@ class Objective:
             finally:
                 for h in hooks:
                     h.remove()
-            self._activation_numel = numel[0] * self.source.batch_size
-        return (2 * space.dim + 3 * self._activation_numel) * self.dtype.itemsize
+            self._activation_numel = numel[0]
+        return 3 * self._activation_numel * (batch_size or self.source.batch_size) * self.dtype.itemsize
 
     def chunk_for(self, space: ParamSpace) -> int:
         """Examples per vectorised gradient chunk: ``chunk_size``, or as many as fit in ``_CHUNK_BYTES``."""
@@ -215,7 +220,7 @@ class Objective:
 
     def hooked_backward(self, space: ParamSpace, batch: Any, loss_of: Optional[Callable[[Params, Any], torch.Tensor]] = None,
                         weights: Optional[torch.Tensor] = None) -> Tuple[Capture, Params]:
-        """One ordinary backward pass of ``Σ_b w_b ℓ_b`` with hooks on the covered layers of ``space``.
+        """One backward pass of ``Σ_b w_b ℓ_b`` to the outputs of the covered layers of ``space`` (hooked).
 
         Returns the capture (each covered layer's inputs and output gradients) and the leaf parameters
         (requiring grad) that were substituted, e.g. for the leftovers' per-example pass.
@@ -227,9 +232,7 @@ class Objective:
         with capture, torch.enable_grad():
             losses = loss_of(leaves, batch)
             total = (losses * weights).sum() if weights is not None else losses.sum()
-            covered = [leaves[n] for layer in lmap.layers for n in layer.names]
-            if covered and total.requires_grad:
-                torch.autograd.grad(total, covered, allow_unused=True)
+            capture.backward(total)
         return capture, leaves
 
     def _hooked_grads(self, space: ParamSpace, batch: Any) -> Params:
@@ -337,17 +340,28 @@ class Objective:
         return self.comm.all_gather_rows(local)
 
     # -- second order ---------------------------------------------------------------------------
-    def hvp(self, space: ParamSpace, vectors: torch.Tensor, indices: Sequence[int], rhs_chunk: Optional[int]) -> torch.Tensor:
-        """``[k, dim]``: Hessian of the mean loss over ``indices`` times each row of ``vectors``."""
+    def hessian_pullbacks(self, space: ParamSpace, indices: Sequence[int],
+                          batch_size: Optional[int] = None) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """Per batch of this rank's share of ``indices``: ``v ↦ H_batch v`` for the batch's summed loss (``[dim] →
+        [dim]``, vmappable). The gradient's graph is built once per batch; each call differentiates it again."""
         base = {n: self.params[n] for n in space.names}
+        for batch, _ in self.batches(indices, batch_size=batch_size):
+            _, pullback = vjp(grad(lambda p, batch=batch: self.losses(p, batch).sum()), base)
+            yield lambda v, pullback=pullback: space.flatten(pullback(space.unflatten(v))[0])
+
+    def hvp(self, space: ParamSpace, vectors: torch.Tensor, indices: Sequence[int], rhs_chunk: Optional[int],
+            batch_size: Optional[int] = None,
+            pullbacks: Optional[Sequence[Callable[[torch.Tensor], torch.Tensor]]] = None) -> torch.Tensor:
+        """``[k, dim]``: Hessian of the mean loss over ``indices`` times each row of ``vectors``.
+
+        Reverse-over-reverse (``H v = vᵀ H``, H symmetric), ``rhs_chunk`` vectors at a time under ``vmap``, over
+        batches of ``batch_size`` examples; on small models about twice as fast as forward-over-reverse, which
+        pushes a tangent forward pass per vector. ``pullbacks``: ``hessian_pullbacks``' output kept from an earlier
+        product (iterative solves), else built here.
+        """
         total = torch.zeros_like(vectors)
-        for batch, _ in self.batches(indices):
-            g = grad(lambda p, batch=batch: self.losses(p, batch).sum())
-
-            def hv(v: torch.Tensor, g: Callable = g) -> torch.Tensor:
-                return space.flatten(jvp(g, (base,), (space.unflatten(v),))[1])
-
-            total += vmap(hv, chunk_size=rhs_chunk)(vectors)
+        for pullback in self.hessian_pullbacks(space, indices, batch_size) if pullbacks is None else pullbacks:
+            total += vmap(pullback, chunk_size=rhs_chunk)(vectors)
         total = self.comm.all_reduce_sum(total) / len(indices)
         if not torch.isfinite(total).all():
             raise MSIFError(

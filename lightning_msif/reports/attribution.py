@@ -118,7 +118,7 @@ class Attribution:
         for phase, secs in (info.get("seconds") or {}).items():
             out[f"seconds/{phase}"] = secs
         for name, solve in (info.get("solves") or {}).items():
-            for key in ("solver", "iterations", "relative_residual", "converged", "min_eigenvalue", "max_eigenvalue",
+            for key in ("solver", "iterations", "relative_residual", "converged", "negative_eigenvalues", "positive_definite",
                         "scale"):
                 if key in solve:
                     out[f"{name}_solve/{key}"] = solve[key]
