@@ -11,7 +11,8 @@ from .base import Curvature, register_curvature
 
 
 DENSE_BYTES = 64 * 2**20
-"""Memory for the vectorised right-hand sides of one product (see ``Objective.itemsize_per_column``)."""
+"""Memory for the vectorised right-hand sides of one product (see ``Objective.itemsize_per_column``): cache-sized
+blocks; larger ones (512 MB) made the dense Hessian of a small MLP slower, the products being memory-bound."""
 MIN_COLUMNS = 64
 """``product_batch`` grows a product's batches while this many right-hand sides still fit in ``DENSE_BYTES``."""
 KEPT_BYTES = 256 * 2**20
