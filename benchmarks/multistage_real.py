@@ -9,6 +9,9 @@ Both pretrained for one epoch with Adam (deliberately not converged), finetuned 
 default influence settings (``curvature="auto"`` → EK-FAC here). One "epoch" is one plain forward+backward pass
 over the pretraining set (no optimizer step), measured on the same machine in the same process.
 
+Then, updated mode, the default scores against those with the factors' eigenbases fitted on all the examples
+(``basis_examples=None``) and against those from another draw of the true Fisher's labels (the noise floor).
+
     python benchmarks/multistage_real.py            # both models, both modes
     python benchmarks/multistage_real.py --quick    # n = 1,000: a smoke run
 """
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
 from lightning_msif import compute_multistage
 from lightning_msif.core.arguments import ScoreArguments
@@ -160,7 +164,19 @@ def run(kind: str, n: int, queries: int, batch_size: int) -> List[Dict[str, Any]
                      "pretrain_solve_epochs": sec.get("pretrain", 0) / epoch,
                      "score_pass_epochs": sec.get("score_pass", 0) / epoch, "total_epochs": total / epoch,
                      "finite": bool(torch.isfinite(result.scores).all())})
+    others = {label: compute_multistage(pre, fine, *loaders, **settings, curvature_options=opts).scores
+              for label, opts in (("bases from all examples", {"basis_examples": None}),
+                                  ("another label draw", {"fisher_seed": 1}))}
+    print(f"{kind}, updated mode, default scores against: "
+          + "; ".join(f"{label} {agreement(result.scores, other)}" for label, other in others.items()))
     return rows
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> str:
+    """Pearson / Spearman over all pairs and the relative error ``‖a − b‖ / ‖b‖``."""
+    a, b = a.double().flatten(), b.double().flatten()
+    return (f"Pearson {float(pearson_corrcoef(a, b)):.4f}, Spearman {float(spearman_corrcoef(a, b)):.4f}, "
+            f"rel. error {float((a - b).norm() / b.norm()):.3f}")
 
 
 class _Memory(dict):

@@ -324,7 +324,7 @@ def _conv_stats(model: _Convs, x: torch.Tensor, y: torch.Tensor):
 
 
 def test_convolution_factors_and_eigenvalues_equal_the_unfolded_ones():
-    from lightning_msif.core.curvature.kfac import _tokens_first
+    from lightning_msif.core.kronecker import tokens_first
 
     torch.manual_seed(0)
     model = _Convs().double()
@@ -348,5 +348,71 @@ def test_convolution_factors_and_eigenvalues_equal_the_unfolded_ones():
         per_example = torch.einsum("nto,nti->noi", g, a)
         expected = (block.q_s.T @ per_example @ block.q_a).pow(2).mean(0)
         assert rel_err(block.eig, expected) <= 1e-10, name
-        order = _tokens_first(block, capture.calls[name][0])
+        order = tokens_first(block, capture.calls[name][0])
         assert order == (name == "c2"), name  # both orders of the rotation are checked
+
+
+def test_ekfac_bases_come_from_the_evenly_spaced_basis_examples_and_its_eigenvalues_from_all():
+    model, data, names = _net()
+    subset = [0, 2, 5, 8, 11, 14]  # 6 of 17, evenly spaced
+    options = KFACOptions(fisher="empirical", relative_damping=0.0, basis_examples=6)
+    op = _build(EKFACCurvature, model, data, names, options=options, batch_size=5, shuffle=True)[0]
+    dense = op.dense(10_000)
+    offset = 0
+    for (a, g, m_grads), layer in zip(_layer_stats(model, data), (model.backbone[0], model.head)):
+        out, inp = layer.weight.shape
+        _, q_a = torch.linalg.eigh(a[subset].T @ a[subset] / len(subset))
+        _, q_s = torch.linalg.eigh(g[subset].T @ g[subset] / len(subset))
+        q = torch.kron(q_s, q_a)
+        lam = torch.diagonal(q.T @ (m_grads.T @ m_grads / len(m_grads)) @ q)
+        size = out * (inp + 1)
+        expected = _to_param_layout(q @ torch.diag(lam) @ q.T, out, inp)
+        assert rel_err(dense[offset:offset + size, offset:offset + size], expected) <= 1e-8
+        offset += size
+    v = torch.randn(3, dense.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    every = _build(EKFACCurvature, model, data, names, options=KFACOptions(fisher="empirical", relative_damping=0.0,
+                                                                          basis_examples=None))[0].matmat(v)
+    at_n = _build(EKFACCurvature, model, data, names, options=KFACOptions(fisher="empirical", relative_damping=0.0,
+                                                                         basis_examples=17))[0].matmat(v)
+    assert rel_err(at_n, every) <= 1e-12 and rel_err(op.matmat(v), every) > 1e-6
+
+
+class _Gated(nn.Module):
+    """``extra`` runs only for inputs whose first feature is large: examples the basis subset can miss."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.extra, self.head = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        if bool((x[:, 0] > 2.0).all()):
+            h = h + torch.tanh(self.extra(h))
+        return self.head(h)
+
+
+def test_a_layer_the_basis_examples_miss_keeps_its_curvature_in_the_plain_basis():
+    torch.manual_seed(0)
+    model = _Gated().double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    x[[1, 3], 0] = 5.0  # only odd examples reach `extra`; the basis examples are 0, 2, 4, 6
+    data = TensorDataset(x, torch.arange(8) % 2)
+    names = [n for n, _ in model.named_parameters()]
+    options = KFACOptions(fisher="empirical", relative_damping=0.0, basis_examples=4)
+    op, obj, space = _build(EKFACCurvature, model, data, names, options=options, batch_size=1)
+    dense = op.dense(10_000)
+    extra = [n for n in names if n.startswith("extra.")]
+    grads = torch.stack([torch.cat([t.flatten() for t in torch.autograd.grad(
+        F.cross_entropy(model(x[i:i + 1]), data.tensors[1][i:i + 1]),
+        [dict(model.named_parameters())[n] for n in extra], allow_unused=True, materialize_grads=True)])
+        for i in range(8)])
+    start = sum(p.numel() for n, p in model.named_parameters() if names.index(n) < names.index(extra[0]))
+    sl = slice(start, start + grads.shape[1])
+    assert grads.abs().sum() > 0
+    assert rel_err(dense[sl, sl], torch.diag(grads.pow(2).mean(0))) <= 1e-10
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "all"])
+def test_basis_examples_must_be_a_positive_whole_number(bad):
+    with pytest.raises(MSIFError, match="basis_examples must be a whole number > 0"):
+        KFACOptions(basis_examples=bad)

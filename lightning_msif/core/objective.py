@@ -235,22 +235,30 @@ class Objective:
             capture.backward(total)
         return capture, leaves
 
-    def _hooked_grads(self, space: ParamSpace, batch: Any) -> Params:
-        """``{name: [B, *shape]}`` from module hooks; leftovers by one backward pass per example."""
-        capture, leaves = self.hooked_backward(space, batch)
+    def hooked_grads(self, space: ParamSpace, batch: Any, wanted: Optional[Sequence[str]] = None,
+                     loss_of: Optional[Callable[[Params, Any, Optional[torch.Tensor]], torch.Tensor]] = None,
+                     idx: Optional[torch.Tensor] = None) -> Tuple[Capture, Params]:
+        """One hooked backward pass, and ``{name: [B, *shape]}`` for the ``wanted`` parameters (default: all of
+        ``space``): covered layers' from the hooks, leftovers by one backward pass per example, zeros where this
+        batch's graph does not reach. ``loss_of(params, batch, idx)`` (default: the losses) may use the examples'
+        dataset indices ``idx`` (e.g. labels drawn per example)."""
+        loss_of = loss_of or (lambda p, b, _: self.losses(p, b))
+        capture, leaves = self.hooked_backward(space, batch, lambda p, b: loss_of(p, b, idx))
+        wanted = set(space.names if wanted is None else wanted)
         out: Params = {}
         for layer, calls in iterate_calls(capture):
-            out.update(example_grads(layer, calls))
+            if set(layer.names) & wanted:
+                out.update({n: g for n, g in example_grads(layer, calls).items() if n in wanted})
         b = batch_size_of(batch)
-        for layer in capture.layers.layers:  # layers not reached by this batch's graph contribute zeros
-            for n in layer.names:
-                out.setdefault(n, self.params[n].new_zeros(b, *self.params[n].shape))
-        left = capture.layers.leftover
+        left = [n for n in capture.layers.leftover if n in wanted]
         if left:
             with torch.enable_grad():
-                out.update(leftover_grads(lambda one: self.losses(leaves, one), {n: leaves[n] for n in left}, b,
-                                          lambda i: slice_batch(batch, i, i + 1)))
-        return out
+                out.update(leftover_grads(lambda one: loss_of(leaves, *one), {n: leaves[n] for n in left}, b,
+                                          lambda i: (slice_batch(batch, i, i + 1),
+                                                     idx[i:i + 1] if idx is not None else None)))
+        for n in wanted:
+            out.setdefault(n, self.params[n].new_zeros(b, *self.params[n].shape))
+        return capture, out
 
     def _use_hooks(self, err: BaseException) -> None:
         self.engine = "hooks"
@@ -259,7 +267,7 @@ class Objective:
     def _example_grads(self, space: ParamSpace, batch: Any) -> Params:
         """``{name: [B, *shape]}``: each example's loss gradient w.r.t. ``space``, by the chosen engine."""
         if self.engine == "hooks":
-            return self._hooked_grads(space, batch)
+            return self.hooked_grads(space, batch)[1]
         try:
             out = self._func_grads(space, batch)
         except MSIFError:
@@ -268,7 +276,7 @@ class Objective:
             if self.engine != "auto":
                 raise
             self._use_hooks(err)
-            return self._hooked_grads(space, batch)
+            return self.hooked_grads(space, batch)[1]
         if self.engine == "auto":
             self.engine, self.engine_note = "func", "torch.func (vmap of grad)"
         return out

@@ -9,7 +9,9 @@ so any attention kernel and autocast work. With ``T`` positions per example (tok
 
 - ``kfac``: eigenvalues of the block are the products of the factors' eigenvalues.
 - ``ekfac``: the eigenvalues are re-fitted in the Kronecker eigenbasis, ``Λ = E[(Q_Sᵀ G Q_A)²]`` with ``G``
-  each example's gradient of the layer (a second pass): the best diagonal fit in that basis.
+  each example's gradient of the layer (a second pass): the best diagonal fit in that basis. The factors serve
+  only for their eigenbases, so they come from ``basis_examples`` evenly spaced examples (2,048 by default);
+  the eigenvalues and the diagonal blocks come from every example.
 - ``nn.Embedding``: ``Ā`` is diagonal (token counts), so the basis is the identity on the vocabulary.
 - Norm affine parameters, a bias whose weight is not trained, and leftovers (parameters no hook covers):
   diagonal blocks ``E[g²]`` from exact per-example gradients.
@@ -31,12 +33,12 @@ import torch
 
 from ...errors import MSIFError
 from ..data import batch_size_of, slice_batch
-from ..layers import (KRONECKER_KINDS, Call, Layer, example_grads, iterate_calls, leftover_grads, token_grads,
-                      token_inputs)
+from ..kronecker import Block, sandwiched_grads
+from ..layers import KRONECKER_KINDS, Call, Layer, example_grads, token_grads, token_inputs
 from ..objective import Objective
 from ..params import Params, ParamSpace
 from .base import Curvature, register_curvature
-from .conv import bordered, patch_moment, rotated_patches
+from ..conv import bordered, patch_moment
 
 FISHERS = ("true", "empirical")
 EXACT_LABELS = 32  # the Fisher cross block sums over the labels in closed form up to this many classes
@@ -44,6 +46,9 @@ HEURISTIC_DAMPING = 0.1
 """With no damping given (λ = 0), each block is damped by this × its mean eigenvalue: an unconverged model's
 Fisher has (near-)zero eigenvalues, e.g. vocabulary rows no example uses. kronfluence uses the same heuristic."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+BASIS_EXAMPLES = 2048
+"""EK-FAC fits the Kronecker factors, whose only use is their eigenbases, on this many examples (evenly spaced over
+the data) and its eigenvalues on all of them: one full pass instead of two once the data is much larger."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class KFACOptions:
     relative_damping: Optional[float] = None  # extra damping per block, × its mean eigenvalue (None: 0.1 when λ = 0)
     covariance_dtype: str = "float64"  # float32 | float64: accumulation of the covariances and eigenvalues
     fisher_seed: int = 0  # seed of the sampled labels (each example's draw depends on it and its index)
+    basis_examples: Optional[int] = BASIS_EXAMPLES  # EK-FAC: eigenbases from this many examples (None: all)
 
     def __post_init__(self) -> None:
         if self.fisher not in FISHERS:
@@ -61,62 +67,11 @@ class KFACOptions:
         if self.relative_damping is not None and not (isinstance(self.relative_damping, (int, float))
                                                        and self.relative_damping >= 0):
             raise MSIFError(f"relative_damping must be a number ≥ 0 (or None), got {self.relative_damping!r}.")
-
-
-@dataclass
-class Block:
-    """One diagonal block of the curvature: a Kronecker layer, an embedding, or a diagonal over parameters."""
-
-    kind: str  # "kronecker" | "embedding" | "diagonal"
-    names: Tuple[str, ...]
-    layer: Optional[Layer] = None
-    q_a: Optional[torch.Tensor] = None  # [in', in'] (kronecker)
-    q_s: Optional[torch.Tensor] = None  # [out, out] (kronecker), [D, D] (embedding)
-    eig: Optional[torch.Tensor] = None  # [out, in'] | [V, D] | [numel]
-
-    # -- parameters ↔ the block's matrix -------------------------------------------------------------------
-    def matrix(self, parts: Params) -> torch.Tensor:
-        """``{name: [k, *shape]}`` → ``[k, out, in']`` (kronecker), ``[k, V, D]`` (embedding), ``[k, numel]``."""
-        if self.kind == "diagonal":
-            return torch.cat([parts[n].flatten(1) for n in self.names], 1)
-        layer = self.layer
-        assert layer is not None
-        if self.kind == "embedding":
-            return parts[layer.weight]
-        w = parts[layer.weight]
-        w = w.transpose(1, 2) if layer.kind == "conv1d" else w.flatten(2)
-        return torch.cat([w, parts[layer.bias].unsqueeze(-1)], 2) if layer.bias is not None else w
-
-    def parts(self, m: torch.Tensor, shapes: Dict[str, torch.Size]) -> Params:
-        """The inverse of ``matrix``."""
-        if self.kind == "diagonal":
-            sizes = [shapes[n].numel() for n in self.names]
-            return {n: c.reshape(m.shape[0], *shapes[n]) for n, c in zip(self.names, torch.split(m, sizes, 1))}
-        layer = self.layer
-        assert layer is not None
-        if self.kind == "embedding":
-            return {layer.weight: m}
-        out: Params = {}
-        if layer.bias is not None:
-            m, out[layer.bias] = m[..., :-1], m[..., -1]
-        w = m.transpose(1, 2) if layer.kind == "conv1d" else m
-        out[layer.weight] = w.reshape(m.shape[0], *shapes[layer.weight])
-        return out
-
-    def rotate(self, m: torch.Tensor) -> torch.Tensor:
-        """Into the eigenbasis."""
-        if self.kind == "kronecker":
-            return self.q_s.T @ m @ self.q_a
-        if self.kind == "embedding":
-            return m @ self.q_s
-        return m
-
-    def unrotate(self, m: torch.Tensor) -> torch.Tensor:
-        if self.kind == "kronecker":
-            return self.q_s @ m @ self.q_a.T
-        if self.kind == "embedding":
-            return m @ self.q_s.T
-        return m
+        if self.basis_examples is not None and not (isinstance(self.basis_examples, int)
+                                                     and not isinstance(self.basis_examples, bool)
+                                                     and self.basis_examples > 0):
+            raise MSIFError(f"basis_examples must be a whole number > 0 (or None for all examples), got "
+                            f"{self.basis_examples!r}.")
 
 
 class _Fit:
@@ -139,7 +94,6 @@ class _Fit:
         self.diagonal = sorted(diagonal, key=order.__getitem__)
         if self.diagonal:
             self.blocks.append(Block("diagonal", tuple(self.diagonal)))
-        self.examples = 0
 
     def losses(self, params: Params, batch: Any, idx: torch.Tensor) -> torch.Tensor:
         """The Fisher's per-example losses: at labels drawn from the model (true) or the data's (empirical)."""
@@ -153,20 +107,7 @@ class _Fit:
 
     def grads(self, batch: Any, idx: torch.Tensor) -> Tuple[Any, Params]:
         """The hooks of one backward pass, and the per-example gradients of the diagonal block's parameters."""
-        capture, leaves = self.backward(batch, idx)
-        diag: Params = {}
-        wanted = set(self.diagonal)
-        for layer, calls in iterate_calls(capture):
-            if set(layer.names) & wanted:
-                diag.update({n: g for n, g in example_grads(layer, calls).items() if n in wanted})
-        left = self.lmap.leftover
-        if left:  # one backward pass per example, at the same labels (they depend on the index only)
-            with torch.enable_grad():
-                diag.update(leftover_grads(lambda one: self.losses(leaves, *one), {n: leaves[n] for n in left},
-                                           batch_size_of(batch), lambda i: (slice_batch(batch, i, i + 1), idx[i:i + 1])))
-        for n in self.diagonal:  # parameters this batch's graph did not reach
-            diag.setdefault(n, self.obj.params[n].new_zeros(batch_size_of(batch), *self.obj.params[n].shape))
-        return capture, diag
+        return self.obj.hooked_grads(self.space, batch, self.diagonal, self.losses, idx)
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.obj.comm.all_reduce_sum(t)
@@ -186,41 +127,6 @@ def _input_moment(layer: Layer, call: Call, dtype: torch.dtype) -> torch.Tensor:
     return bordered(moment, a.sum(0, dtype=dtype), float(a.shape[0])) if bias else moment
 
 
-def _tokens_first(block: Block, call: Call) -> bool:
-    """Whether rotating each position's input and output gradient before contracting them over the positions costs
-    fewer products than contracting first (each example's gradient) and rotating that."""
-    g = token_grads(block.layer, call)
-    t, n_out, n_in = g.shape[1], g.shape[2], block.q_a.shape[0]
-    return t * (n_out * n_out + n_in * n_in) < t * n_out * n_in + n_out * n_in * (n_out + n_in)
-
-
-def _rotated_tokens(block: Block, call: Call) -> torch.Tensor:
-    """``[B, out, in']``: ``Σ_t (Q_Sᵀ g_t)(Q_Aᵀ ã_t)ᵀ`` per example (a convolution's rotated patches by convolution)."""
-    layer, q_a = block.layer, block.q_a
-    bias = layer.bias is not None
-    if layer.kind == "conv2d":
-        a = rotated_patches(layer.module, call.inputs, q_a, bias).transpose(1, 2)  # [B, L, in']
-        return torch.bmm(block.q_s.T @ call.grad.flatten(2), a)
-    a = token_inputs(layer, call)
-    a = a @ q_a[:-1] + q_a[-1] if bias else a @ q_a
-    return torch.bmm((token_grads(layer, call) @ block.q_s).transpose(1, 2), a)
-
-
-def _rotated_layer_grads(block: Block, calls: Sequence[Call]) -> Optional[torch.Tensor]:
-    """``[B, out, in']``: each example's gradient of a Kronecker layer in the block's eigenbasis, ``Q_Sᵀ G Q_A``
-    (summed over the layer's calls), in whichever order of products is cheaper for each call's sizes."""
-    first: List[Call] = []
-    rest: List[Call] = []
-    for call in calls:
-        if call.grad is not None:
-            (first if _tokens_first(block, call) else rest).append(call)
-    total = block.rotate(block.matrix(example_grads(block.layer, rest))) if rest else None
-    for call in first:
-        m = _rotated_tokens(block, call)
-        total = m if total is None else total + m
-    return total
-
-
 def _rotated_embedding_grads(block: Block, calls: Sequence[Call]) -> Optional[torch.Tensor]:
     """``[B, V, D]``: each example's gradient of an embedding in the block's eigenbasis, ``G Q_S``: each token's
     output gradient rotated before it is added into its row (``T`` rows per example instead of ``V``)."""
@@ -228,9 +134,17 @@ def _rotated_embedding_grads(block: Block, calls: Sequence[Call]) -> Optional[to
     return example_grads(block.layer, rotated).get(block.layer.weight)
 
 
+def basis_subset(indices: Sequence[int], count: Optional[int]) -> Sequence[int]:
+    """``count`` of ``indices``, evenly spaced (a sorted data set still gives every part), or all of them."""
+    if count is None or count >= len(indices):
+        return indices
+    return [indices[(i * len(indices)) // count] for i in range(count)]
+
+
 def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], options: KFACOptions,
                correct: bool) -> List[Block]:
-    """The blocks of ``space``: factors and eigenbases from one pass, EK-FAC's eigenvalues from a second."""
+    """The blocks of ``space``: factors and eigenbases from one pass (EK-FAC: over ``basis_examples`` of the
+    examples), EK-FAC's eigenvalues and the diagonal blocks from a second pass over all of them."""
     fit = _Fit(objective, space, options)
     dt = fit.dtype
     sums: Dict[int, Dict[str, torch.Tensor]] = {i: {} for i in range(len(fit.blocks))}
@@ -239,12 +153,14 @@ def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], 
         value = value.to(dt)
         sums[i][key] = value if key not in sums[i] else sums[i][key] + value
 
-    for batch, idx in objective.batches(indices):
-        capture, diag = fit.grads(batch, idx)
-        fit.examples += len(idx)
+    count = 0
+    for batch, idx in objective.batches(basis_subset(indices, options.basis_examples) if correct else indices):
+        capture, diag = fit.backward(batch, idx) if correct else fit.grads(batch, idx)
+        count += len(idx)
         for i, block in enumerate(fit.blocks):
             if block.kind == "diagonal":
-                add(i, "eig", torch.cat([diag[n].flatten(1) for n in block.names], 1).pow(2).sum(0))
+                if not correct:
+                    add(i, "eig", _squares(block, diag))
                 continue
             for call in capture.calls.get(block.layer.path, []):
                 if call.grad is None:
@@ -262,13 +178,14 @@ def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], 
                     add(i, "A", torch.bincount(ids[keep], minlength=block.layer.module.num_embeddings).to(dt))
                     add(i, "S", g[keep].T @ g[keep])
                     add(i, "positions", torch.tensor(float(ids.shape[0])))
-    n = float(fit.reduce(torch.tensor([float(fit.examples)], dtype=torch.float64)).item())
-    if n == 0:
-        raise MSIFError(f"No {objective.role} examples to fit the Kronecker factors on: pass data with examples.")
+    n = _examples(fit, count)
     for i, block in enumerate(fit.blocks):
         s = {k: fit.reduce(v) for k, v in sums[i].items()}
         if block.kind == "diagonal":
             block.eig = (s["eig"] / n).to(objective.dtype) if "eig" in s else None
+            continue
+        if "S" not in s and correct:  # not reached by the basis examples: EK-FAC's eigenvalues in the plain basis
+            _plain_basis(block, space, objective)
             continue
         if "S" not in s:  # the data never reached this layer: its gradients are zero
             block.kind, block.names = "diagonal", tuple(block.names)
@@ -290,33 +207,64 @@ def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], 
         if block.q_a is not None:
             block.q_a = block.q_a.to(objective.dtype).contiguous()
     if correct:
-        _correct(fit, objective, indices, n)
+        _correct(fit, objective, indices)
     for block in fit.blocks:
         block.eig = block.eig.to(objective.dtype)
     return fit.blocks
 
 
-def _correct(fit: _Fit, objective: Objective, indices: Sequence[int], n: float) -> None:
-    """EK-FAC: ``Λ = E[(Q_Sᵀ G Q_A)²]`` over the examples, in the eigenbasis of the first pass."""
+def _plain_basis(block: Block, space: ParamSpace, objective: Objective) -> None:
+    """Identity eigenbases for a layer the basis examples never reached (the correction pass may still reach it)."""
+    shape = block.matrix({nm: torch.zeros(1, *space.shapes[space.names.index(nm)]) for nm in block.names}).shape
+    kw = {"dtype": objective.dtype, "device": objective.device}
+    block.q_s = torch.eye(shape[1] if block.kind == "kronecker" else shape[2], **kw)
+    block.q_a = torch.eye(shape[2], **kw) if block.kind == "kronecker" else None
+
+
+def _squares(block: Block, diag: Params) -> torch.Tensor:
+    """``Σ g²`` over a batch's examples, for a diagonal block."""
+    return torch.cat([diag[n].flatten(1) for n in block.names], 1).pow(2).sum(0)
+
+
+def _examples(fit: _Fit, count: int) -> float:
+    """The number of examples over every rank; an error when there are none."""
+    n = float(fit.reduce(torch.tensor([float(count)], dtype=torch.float64)).item())
+    if n == 0:
+        raise MSIFError(f"No {fit.obj.role} examples to fit the Kronecker factors on: pass data with examples.")
+    return n
+
+
+def _correct(fit: _Fit, objective: Objective, indices: Sequence[int]) -> None:
+    """EK-FAC: ``Λ = E[(Q_Sᵀ G Q_A)²]`` over all the examples, in the eigenbasis of the first pass; the diagonal
+    blocks' ``E[g²]`` in the same pass."""
     dt = fit.dtype
     sums: Dict[int, torch.Tensor] = {}
-    targets = [i for i, b in enumerate(fit.blocks) if b.kind in ("kronecker", "embedding")]
-    if not targets:
-        return
+
+    def add(i: int, value: torch.Tensor) -> None:
+        value = value.to(dt)
+        sums[i] = value if i not in sums else sums[i] + value
+
+    targets = [i for i, b in enumerate(fit.blocks) if b.kind != "diagonal" or b.eig is None]
+    count = 0
     for batch, idx in objective.batches(indices):
-        capture, _ = fit.backward(batch, idx)
+        capture, diag = fit.grads(batch, idx) if fit.diagonal else (fit.backward(batch, idx)[0], {})
+        count += len(idx)
         for i in targets:
             block = fit.blocks[i]
-            calls = capture.calls.get(block.layer.path, [])
-            rotated = _rotated_layer_grads if block.kind == "kronecker" else _rotated_embedding_grads
-            g = rotated(block, calls)
-            if g is None:
+            if block.kind == "diagonal":
+                add(i, _squares(block, diag))
                 continue
-            value = g.pow(2).sum(0).to(dt)
-            sums[i] = value if i not in sums else sums[i] + value
+            calls = capture.calls.get(block.layer.path, [])
+            rotated = sandwiched_grads if block.kind == "kronecker" else _rotated_embedding_grads
+            g = rotated(block, calls)
+            if g is not None:
+                add(i, g.pow(2).sum(0))
+    n = _examples(fit, count)
     for i in targets:
         block = fit.blocks[i]
-        total = sums.get(i, torch.zeros(block.eig.shape, dtype=dt, device=block.eig.device))
+        total = sums.get(i, torch.zeros(block.eig.shape if block.eig is not None else
+                                        sum(fit.obj.params[nm].numel() for nm in block.names),
+                                        dtype=dt, device=objective.device))
         block.eig = (fit.reduce(total) / n).to(objective.dtype)
 
 

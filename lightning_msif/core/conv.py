@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import kernel_rows, width_view
+from .layers import kernel_rows, width_view
 
 
 def bordered(moment: torch.Tensor, total: torch.Tensor, count: float) -> torch.Tensor:
