@@ -22,6 +22,14 @@ PretrainingSnapshotConfig = settings_schema(
         ("snapshot_every_n_epochs", Optional[int], setting(None, "also snapshot after every n-th epoch (null: at the "
                                                                  "end only)")),
         ("store_gradients", bool, setting(False, "keep the pretraining set's per-example gradients")),
+        ("index_dim", Optional[int], setting(None, "capture a gradient index: projected size per side of each layer "
+                                                   "(null: no index)")),
+        ("index_projection", str, setting("eigen", "eigen | random: the gradient index's projection (leading "
+                                                   "eigenvectors of the curvature's factors, or seeded Gaussian)")),
+        ("index_seed", int, setting(0, "seed of the gradient index's random directions")),
+        ("index_dtype", str, setting("float32", "float32 | float16 | bfloat16 | float64: the index's stored "
+                                                "precision")),
+        ("index_block", int, setting(4096, "examples per file of the gradient index")),
         ("progress", bool, setting(True, "progress bars on rank 0")),
     ],
     base=ScoreArguments,

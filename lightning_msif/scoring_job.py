@@ -65,7 +65,8 @@ def run_scoring(inputs: ScoringInputs, args: InfluenceArguments, snapshots: Snap
                 identity: Optional[Dict[str, Any]] = None) -> ScoringOutcome:
     """Compute the scores (resuming from the work folder if an identical run was cut short), write them.
 
-    ``identity``: the two stages' weight hashes; with them, stored pretraining gradients that fit are used.
+    ``identity``: the two stages' weight hashes; with them, stored pretraining gradients or a gradient index that
+    fit are used (an index that does not fit is refused).
     """
     comm = comm or LocalComm()
     record = args.record()
@@ -76,11 +77,14 @@ def run_scoring(inputs: ScoringInputs, args: InfluenceArguments, snapshots: Snap
     store = snapshots.work(key)
     theta, rest = split_shared(inputs.pretrain_model, args.shared, "pretraining")
     stored = snapshots.read_gradients(identity["pretrain_weights"], theta + rest) if identity else None
+    index = snapshots.read_index(identity["pretrain_weights"], dataset_of(inputs.pretrain_data)) \
+        if identity and stored is None else None
     result: InfluenceResult = multistage_scores(
         inputs.pretrain_model, inputs.finetune_model, inputs.pretrain_data, inputs.finetune_data, inputs.query_data,
         args, pretrain_loss_fn=inputs.pretrain_loss, finetune_loss_fn=inputs.finetune_loss,
         query_fn=inputs.query_fn or inputs.finetune_loss, comm=comm, store=store, progress=progress,
         pretrain_gradients=stored, factors=snapshots.factors(identity["pretrain_weights"]) if identity else None,
+        index=index,
     )
     outcome = ScoringOutcome(result.scores, result.info)
     if comm.rank == 0:

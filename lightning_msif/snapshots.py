@@ -168,6 +168,25 @@ class FactorFiles:
                                "format_version": str(FORMAT_VERSION)})
 
 
+class IndexFiles:
+    """An ``IndexStore``: one safetensors file per block of a gradient index, in one folder (atomic writes)."""
+
+    def __init__(self, folder: PathLike):
+        self.folder = Path(folder)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def get(self, key: str) -> torch.Tensor:
+        return load_file(str(self._path(key)))["rows"]
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        save_tensors(self._path(key), {"rows": tensor})
+
+
 # -- the folder ---------------------------------------------------------------------------------------
 class SnapshotDir:
     """The files a two-stage run leaves under one folder: the only code that knows their names and format.
@@ -176,6 +195,7 @@ class SnapshotDir:
 
         pretrain/manifest.yaml  pretrain/weights.safetensors  [pretrain/gradients.safetensors]
         pretrain/curvature/<kind>-<key>.safetensors   fitted pretraining curvature (EK-FAC factors)
+        pretrain/index/manifest.yaml  projection.safetensors  rows.<start>-<stop>.safetensors   gradient index
         finetune/manifest.yaml  finetune/weights.safetensors
         work/<key>/*.safetensors     partial results of an unfinished scoring run
         scores.safetensors  scores.yaml   the score matrix and how it was computed
@@ -297,6 +317,66 @@ class SnapshotDir:
             fits = (meta.get("projection") == "none" and meta.get("weights_sha256") == weights_sha
                     and json.loads(meta.get("names", "[]")) == list(names))
             return fh.get_tensor("gradients") if fits else None
+
+    # -- the gradient index of the pretraining set -------------------------------------------------------
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "pretrain" / "index"
+
+    def open_index(self, spec: Dict[str, Any]) -> IndexFiles:
+        """The index folder for a capture described by ``spec`` (projection, weights hash, data fingerprint,
+        dtype, block): an index with another description is removed first; a matching one is kept (resume)."""
+        spec = {"format_version": FORMAT_VERSION, **spec}
+        if self.index_spec() != spec:
+            shutil.rmtree(self.index_dir, ignore_errors=True)
+            save_yaml(self.index_dir / self.MANIFEST, {**spec, "complete": False})
+        return IndexFiles(self.index_dir)
+
+    def index_store(self) -> IndexFiles:
+        """The blocks of the gradient index (``open_index`` first)."""
+        return IndexFiles(self.index_dir)
+
+    def finish_index(self, projection: Dict[str, Any], duals: Dict[str, torch.Tensor]) -> None:
+        """Mark the index complete (every block written), with the projection it was taken with and the matrices
+        that project vectors alike."""
+        save_tensors(self.index_dir / "projection.safetensors", duals)
+        save_yaml(self.index_dir / self.MANIFEST, {**(self.index_spec() or {}), "projection": projection,
+                                                   "complete": True})
+
+    def index_spec(self) -> Optional[Dict[str, Any]]:
+        """The description of the index in the folder (without its completion flag), or None."""
+        path = self.index_dir / self.MANIFEST
+        if not path.exists():
+            return None
+        spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        for key in ("complete", "projection"):  # written when the capture finishes
+            spec.pop(key, None)
+        return spec
+
+    def read_index(self, weights_sha: str, dataset: Any) -> Optional[Any]:
+        """The complete gradient index taken on these pretraining weights and this data, or None when there is
+        none; an error when the folder holds one that does not fit (other weights, other data, unfinished)."""
+        from .core.index import GradientIndex
+
+        if self.index_spec() is None:
+            return None
+        spec = OmegaConf.to_container(OmegaConf.load(self.index_dir / self.MANIFEST), resolve=True)
+        complete = bool(spec.get("complete"))
+        problems = []
+        if spec.get("format_version") != FORMAT_VERSION:
+            problems.append(f"format version {spec.get('format_version')} (this library reads {FORMAT_VERSION})")
+        if spec.get("weights_sha256") != weights_sha:
+            problems.append("other pretraining weights")
+        if dataset is not None and spec.get("fingerprint") != fingerprint(dataset):
+            problems.append("other pretraining data")
+        if not complete:
+            problems.append("an unfinished capture")
+        if problems:
+            raise MSIFError(f"The gradient index in {self.index_dir} does not fit this run: {', '.join(problems)}. "
+                            "Capture it again (PretrainingSnapshot(index_dim=...) at the end of pretraining), or "
+                            "delete that folder to score without it.")
+        duals = load_file(str(self.index_dir / "projection.safetensors"))
+        return GradientIndex(IndexFiles(self.index_dir), int(spec["n"]), spec["projection"], duals, int(spec["block"]))
 
     # -- the score matrix ------------------------------------------------------------------------------
     def write_scores(self, scores: torch.Tensor, record: Dict[str, Any]) -> Path:

@@ -226,6 +226,31 @@ def test_stored_pretraining_gradients_replace_the_scoring_pass(tmp_path, monkeyp
     assert rel_err(cb.scores, ref) <= 1e-10
 
 
+def test_a_gradient_index_captured_at_the_end_of_pretraining_replaces_the_scoring_pass(tmp_path):
+    dm, module = TinyDataModule(), TinyModule()
+    pre_cb = PretrainingSnapshot(tmp_path, index_dim=8, index_dtype="float64", progress=False)  # 8 ≥ every side
+    trainer(callbacks=[pre_cb]).fit(module, datamodule=dm)
+    manifest = SnapshotDir(tmp_path).index_dir / "manifest.yaml"
+    assert manifest.exists() and "complete: true" in manifest.read_text()
+    cb, fine, ft_dm = _finetune(tmp_path, FIXED)
+    assert cb.info["scoring"] == "gradient_index" and cb.info["index"]["dim"] == 8
+    ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
+    assert rel_err(cb.scores, ref) <= 1e-10
+    assert rel_err(rescore(tmp_path, progress=False).scores, ref) <= 1e-10  # from the snapshots: the index again
+    with torch.no_grad():
+        module.head.bias.add_(1.0)  # other pretraining weights: the index no longer fits
+    SnapshotDir(tmp_path).write_stage("pretrain", module, "backbone", data=dm, train_dataset=dm.train_set)
+    with pytest.raises(MSIFError, match="gradient index .* does not fit this run: other pretraining weights"):
+        rescore(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(index_dim=0), "index_dim=0"),
+                                           (dict(index_dtype="int8"), "index_dtype must be one of")])
+def test_bad_index_arguments(tmp_path, kwargs, match):
+    with pytest.raises(MSIFError, match=match):
+        PretrainingSnapshot(tmp_path, **kwargs)
+
+
 def test_periodic_pretraining_snapshots(tmp_path):
     seen = []
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_job import SETTINGS
+from ddp_job import INDEX, SETTINGS
 from lightning_fixtures import TinyDataModule, TinyModule
 from omegaconf import OmegaConf
 from reference import rel_err
 from safetensors.torch import load_file
 
-from lightning_msif import MultiStageInfluence, multistage_influence, rescore
+from lightning_msif import MemoryIndexStore, MultiStageInfluence, capture_gradient_index, multistage_influence, rescore
 
 HERE = Path(__file__).parent
 
@@ -46,15 +46,24 @@ def test_ddp_scores_equal_single_process(ddp_run: Path, name: str) -> None:
     ft.setup("fit")
     settings = dict(SETTINGS[name])
     options = settings.pop("solver_options", {})
+    index = None
+    if name == "fixed":  # the index both ranks wrote (blocks dealt round-robin) equals one process's, file by file
+        index = capture_gradient_index(pre, pt.train_set, MemoryIndexStore(), shared="backbone", dim=INDEX["index_dim"],
+                                       block=INDEX["index_block"])
+        files = sorted((folder / "pretrain" / "index").glob("rows.*.safetensors"))
+        assert [f.name.removesuffix(".safetensors") for f in files] == sorted(index.store)
+        for f in files:
+            assert torch.allclose(load_file(str(f))["rows"], index.store[f.name.removesuffix(".safetensors")],
+                                  rtol=1e-5, atol=1e-7)
     single = multistage_influence(pre, fine, pt.train_set, ft.train_set, ft.val_set, shared="backbone",
-                                  **settings, **options)
+                                  **settings, **options, index=index)
     assert rel_err(scores, single) <= 1e-6
     # the finetune stage ran the updated-mode solve to convergence on both ranks
     if name == "updated":
         assert manifest.info.solves.pretrain.converged
         assert manifest.info.scoring == "stored_gradients"  # gathered from both ranks, rows in dataset order
     else:
-        assert manifest.info.scoring in ("grad", "jvp")
+        assert manifest.info.scoring == "gradient_index"
 
 
 def test_rescore_from_ddp_snapshots(ddp_run: Path) -> None:

@@ -4,7 +4,7 @@ At the end of ``fit`` (and every ``snapshot_every_n_epochs``): the weights, the 
 and shapes, records to rebuild the module and datamodule, and a fingerprint of the training data;
 the pretraining curvature when it is one fitted from the data (EK-FAC/K-FAC factors), so the finetune
 stage does not read the pretraining set for it; optionally the per-example gradients of the whole
-pretraining set, so later scoring is one product.
+pretraining set, or a gradient index of it (projected per-example gradients), so later scoring is one product.
 """
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ import lightning.pytorch as pl
 from ..atomic import PathLike
 from ..core.arguments import InfluenceArguments
 from ..core.data import dataset_of
-from ..core.influence import fit_pretraining_curvature, per_example_gradients
+from ..core.index import INDEX_DTYPES
+from ..core.projection import KINDS as PROJECTIONS
+from ..core.influence import capture_gradient_index, fit_pretraining_curvature, per_example_gradients
+from ..core.scoring import DEFAULT_BLOCK
 from ..core.objective import LossFn, module_loss
 from ..distributed import current_comm
 from ..errors import MSIFError
-from ..snapshots import SnapshotDir
+from ..snapshots import SnapshotDir, fingerprint
 from .common import StageCallback, check_strategy, train_loader
 
 
@@ -31,6 +34,10 @@ class PretrainingSnapshot(StageCallback):
     ``curvature``, ``curvature_options``, ``hessian_samples``, ``chunk_size``, ``gradients``: as in
     ``InfluenceArguments``; give the finetune stage the same ones and it reuses the fitted curvature
     (otherwise it fits its own, and says so in the run record). ``fit_curvature=False`` skips that step.
+    ``index_dim``: capture a gradient index of the pretraining set after training (each layer's per-example
+    gradient projected to ``index_dim`` per side onto its curvature's leading eigenvectors, or seeded random
+    directions with ``index_projection="random"`` (seed ``index_seed``), kept in ``index_dtype``, ``index_block``
+    examples per file), so scoring reads it instead of the pretraining data; None (default): no index.
     """
 
     STAGE = "pretrain"
@@ -39,7 +46,9 @@ class PretrainingSnapshot(StageCallback):
                  curvature: str = "auto", curvature_options: Optional[Dict[str, Any]] = None,
                  hessian_samples: Optional[int] = None, chunk_size: Optional[int] = None, gradients: str = "auto",
                  fit_curvature: bool = True, snapshot_every_n_epochs: Optional[int] = None,
-                 store_gradients: bool = False, progress: bool = True):
+                 store_gradients: bool = False, index_dim: Optional[int] = None, index_seed: int = 0,
+                 index_projection: str = "eigen", index_dtype: str = "float32", index_block: int = DEFAULT_BLOCK,
+                 progress: bool = True):
         self.arguments = InfluenceArguments(shared=shared, curvature=curvature, hessian_samples=hessian_samples,
                                             curvature_options=dict(curvature_options or {}), chunk_size=chunk_size,
                                             gradients=gradients)  # the same checks as the finetune stage's
@@ -52,6 +61,17 @@ class PretrainingSnapshot(StageCallback):
         self.chunk_size = chunk_size
         self.snapshot_every_n_epochs = n
         self.store_gradients = bool(store_gradients)
+        if index_dim is not None and (isinstance(index_dim, bool) or not isinstance(index_dim, int) or index_dim < 1):
+            raise MSIFError(f"index_dim={index_dim!r}: must be a whole number ≥ 1 (the projected size per side of "
+                            "each layer) or None for no gradient index.")
+        if index_dtype not in INDEX_DTYPES:
+            raise MSIFError(f"index_dtype must be one of {list(INDEX_DTYPES)}, got {index_dtype!r}.")
+        if isinstance(index_block, bool) or not isinstance(index_block, int) or index_block < 1:
+            raise MSIFError(f"index_block={index_block!r}: must be a whole number ≥ 1 (examples per index file).")
+        if index_projection not in PROJECTIONS:
+            raise MSIFError(f"index_projection must be one of {list(PROJECTIONS)}, got {index_projection!r}.")
+        self.index = {"dim": index_dim, "seed": int(index_seed), "dtype": index_dtype, "block": index_block,
+                      "projection": index_projection}
         self.fit_curvature = bool(fit_curvature)
         self.progress = progress
         self.manifest: Any = None  # the last manifest written (rank 0)
@@ -72,6 +92,8 @@ class PretrainingSnapshot(StageCallback):
             self._store_gradients(trainer, pl_module)
         if self.fit_curvature:
             self._fit_curvature(trainer, pl_module)
+        if self.index["dim"] is not None:
+            self._capture_index(trainer, pl_module)
 
     def _weights_sha(self, trainer: "pl.Trainer") -> str:
         manifest = self.manifest if trainer.is_global_zero else self.snapshots.manifest("pretrain")
@@ -86,6 +108,28 @@ class PretrainingSnapshot(StageCallback):
             loss_fn=module_loss(pl_module, self.loss_fn), progress=self.progress and trainer.is_global_zero,
             comm=current_comm(device))
         trainer.strategy.barrier("msif_curvature")
+
+    def _capture_index(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The gradient index of the pretraining set (a dedicated pass, after training): every later scoring
+        reads it instead of the data. A matching index left by an interrupted capture is completed. Balanced by the
+        pretraining curvature just fitted (reused from the snapshot)."""
+        loader = train_loader(trainer)
+        dataset = dataset_of(loader)
+        if trainer.is_global_zero:
+            self.snapshots.open_index({**self.index, "n": len(dataset), "shared": self.shared,
+                                       "weights_sha256": self._weights_sha(trainer),
+                                       "fingerprint": fingerprint(dataset)})
+        trainer.strategy.barrier("msif_index_open")
+        index = capture_gradient_index(pl_module, loader, self.snapshots.index_store(), shared=self.shared,
+                                       arguments=self.arguments,
+                                       factors=self.snapshots.factors(self._weights_sha(trainer)),
+                                       loss_fn=module_loss(pl_module, self.loss_fn),
+                                       progress=self.progress and trainer.is_global_zero,
+                                       comm=current_comm(trainer.strategy.root_device), **self.index)
+        trainer.strategy.barrier("msif_index")
+        if trainer.is_global_zero:
+            self.snapshots.finish_index(index.projection, index.duals)
+        trainer.strategy.barrier("msif_index_done")
 
     def _snapshot(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.is_global_zero:

@@ -26,9 +26,11 @@ from .auto import choose_curvature, choose_solver
 from .comm import Communicator, LocalComm
 from .curvature import CURVATURES, Curvature
 from .data import ExampleSource
+from .index import INDEX_DTYPES, GradientIndex, IndexStore, capture_index, index_scores
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
 from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_shared
-from .scoring import ScoreStore, agreed, cached, fastest_method, score_pass
+from .projection import Projection
+from .scoring import DEFAULT_BLOCK, ScoreStore, agreed, cached, fastest_method, score_pass
 from .solvers import SOLVERS, solve
 
 
@@ -195,11 +197,13 @@ def _gradients(obj: Objective, space: ParamSpace, run: _Run) -> torch.Tensor:
 
 
 def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.Tensor], run: _Run,
-                     gradients: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     gradients: Optional[torch.Tensor] = None, index: Optional[GradientIndex] = None) -> torch.Tensor:
     """Steps 2 and 3: ``s = (H_pt + λI)⁻¹ rhs()``, then the scoring pass; ``s`` is reused on resume.
 
-    With stored per-example ``gradients`` ``[n, dim]`` (in ``space`` order) step 3 is one product.
+    With stored per-example ``gradients`` ``[n, dim]`` (in ``space`` order) step 3 is one product; with a gradient
+    ``index``, one product per block of the index with the projected ``s``.
     """
+    projection = _index_projection(pt, space, index) if index is not None else None
     if gradients is not None and tuple(gradients.shape) != (len(pt.source), space.dim):
         raise MSIFError(
             f"The stored pretraining gradients have shape {tuple(gradients.shape)}, but the pretraining set and "
@@ -218,7 +222,81 @@ def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.T
         run.info["scoring"] = "stored_gradients"
         with run.phase("score_pass"):
             return -(gradients.to(s.device, s.dtype) @ s.T)
+    if index is not None and projection is not None:
+        run.info["scoring"] = "gradient_index"
+        run.info["index"] = {k: index.projection[k] for k in ("dim", "seed", "out_dim")}
+        bar = run.bar(index.n, f"scoring {pt.role} examples from the gradient index")
+        with run.phase("score_pass"):
+            scores = index_scores(index.store, index.n, projection.vectors(s), run.comm, index.block, bar)
+        if bar is not None:
+            bar.close()
+        return scores
     return _score_pass(pt, space, s, run)
+
+
+def _index_projection(pt: Objective, space: ParamSpace, index: GradientIndex) -> Projection:
+    """The projection of ``index``, rebuilt for ``space`` with the index's own matrices for vectors; an error when
+    the index was taken on other data or parameters (before any work)."""
+    if index.n != len(pt.source):
+        raise MSIFError(f"The gradient index covers {index.n} examples, but the {pt.role} data has "
+                        f"{len(pt.source)}: it was captured on other data. Capture it again, or leave it out.")
+    described = dict(index.projection)
+    projection = Projection(pt, space, int(described.get("dim", 0)) or 1, int(described.get("seed", 0)),
+                            duals=index.duals, balanced=bool(described.get("balanced")),
+                            kind=str(described.get("kind", "random"))) \
+        if described.get("names") == list(space.names) else None
+    if projection is None or projection.describe() != described:
+        raise MSIFError(f"The gradient index was captured for other parameters or layers than the {pt.role} "
+                        f"model's {list(space.names)[:4]}… (index: {list(described.get('names', []))[:4]}…, "
+                        f"dim {described.get('dim')}): capture it again from this model.")
+    return projection
+
+
+def capture_gradient_index(model: nn.Module, data: Any, store: IndexStore, *, shared: Optional[str] = None,
+                           dim: int = 16, seed: int = 0, dtype: str = "float32", projection: str = "eigen",
+                           balance: bool = True,
+                           arguments: Optional[ScoreArguments] = None, factors: Optional[FactorStore] = None,
+                           loss_fn: Optional[LossFn] = None, block: int = DEFAULT_BLOCK, progress: bool = False,
+                           comm: Optional[Communicator] = None) -> GradientIndex:
+    """Capture the gradient index of ``data`` (the pretraining set) under ``model`` into ``store``: each example's
+    loss gradient over the trainable parameters (shared ones first, as ``multistage_influence`` orders them),
+    projected to ``dim`` per side of each layer (seed ``seed``) and kept in ``dtype``. Blocks already in
+    ``store`` are kept (an interrupted capture resumes); ``block``: examples per stored block. Pass the result as
+    ``index=`` to score against it.
+
+    ``projection``: ``"eigen"`` (default) projects each Kronecker layer onto the leading ``dim`` eigenvectors of
+    its two factors (deterministic; needs the balancing curvature), ``"random"`` onto seeded Gaussian directions
+    (an unbiased estimate of every score). ``balance`` (default): first change the gradients' basis by a Kronecker-factored square root of the curvature
+    the scores use (``arguments``' curvature and damping; reused from ``factors`` when fitted there, e.g. by
+    ``PretrainingSnapshot``), which leaves every score's expectation alone and makes the projection far more
+    accurate; only a Kronecker-factored curvature (EK-FAC/K-FAC) can balance, else the record says why not.
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise MSIFError(f"dim must be a whole number ≥ 1 (the projected size per side of each layer), got {dim!r}.")
+    if dtype not in INDEX_DTYPES:
+        raise MSIFError(f"dtype must be one of {list(INDEX_DTYPES)}, got {dtype!r}.")
+    run = _Run(arguments or ScoreArguments(), progress, comm or LocalComm(), factors=factors)
+    with evaluation(model):
+        obj = run.objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "pretrain_data"), "pretraining")
+        space = ParamSpace.of(obj.params, _trainable(model, shared))
+        weights = None
+        if balance:
+            op = run.curvature("pretrain", obj, space)
+            weights = op.balance() if callable(getattr(op, "balance", None)) else None
+        projector = Projection(obj, space, dim, seed, balance=weights, kind=projection)
+        bar = run.bar(len(obj.source), "gradient index")
+        capture_index(obj, projector, store, dtype, block, bar)
+        if bar is not None:
+            bar.close()
+    return GradientIndex(store, len(obj.source), projector.describe(), projector.duals, block)
+
+
+def _trainable(model: nn.Module, shared: Optional[str]) -> List[str]:
+    """The trainable parameters' names, those under the ``shared`` prefix first (the pretraining side's order)."""
+    if shared is None:
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    theta, rest = split_shared(model, shared, "pretraining")
+    return theta + rest
 
 
 def per_example_gradients(model: nn.Module, data: Any, *, shared: Optional[str] = None,
@@ -233,13 +311,8 @@ def per_example_gradients(model: nn.Module, data: Any, *, shared: Optional[str] 
     with evaluation(model):
         obj = Objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "data"), "pretraining", run.comm,
                         chunk_size)
-        if shared is None:
-            names = [n for n, p in model.named_parameters() if p.requires_grad]
-        else:
-            theta, rest = split_shared(model, shared, "pretraining")
-            names = theta + rest
-        space = ParamSpace.of(obj.params, names)
-        return _gradients(obj, space, run), names
+        names = _trainable(model, shared)
+        return _gradients(obj, ParamSpace.of(obj.params, names), run), names
 
 
 def fit_pretraining_curvature(model: nn.Module, data: Any, factors: FactorStore, *, shared: str,
@@ -272,6 +345,7 @@ def multistage_scores(
     store: Optional[ScoreStore] = None,
     pretrain_gradients: Optional[torch.Tensor] = None,
     factors: Optional[FactorStore] = None,
+    index: Optional[GradientIndex] = None,
 ) -> InfluenceResult:
     """Multi-stage influence for settings held in an ``InfluenceArguments`` (what the callback and CLI pass).
 
@@ -313,7 +387,9 @@ def multistage_scores(
                 g = alpha * run.solve("finetune", run.curvature("finetune", ft, ft_space, shift=shift), grads)[:, :theta_dim]
             return torch.cat([g, g.new_zeros(g.shape[0], pt_space.dim - theta_dim)], 1)
 
-        scores = _solve_and_score(pt, pt_space, finetune_side, run, pretrain_gradients)
+        if index is not None:
+            _index_projection(pt, pt_space, index)  # refused before any work
+        scores = _solve_and_score(pt, pt_space, finetune_side, run, pretrain_gradients, index)
     run.record_engines()
     run.info["peak_memory_mb"] = peak_memory_mb(pt.device)
     return InfluenceResult(scores, run.info)
@@ -354,6 +430,7 @@ def compute_multistage(
     comm: Optional[Communicator] = None,
     store: Optional[ScoreStore] = None,
     pretrain_gradients: Optional[torch.Tensor] = None,
+    index: Optional[GradientIndex] = None,
     **options: Any,
 ) -> InfluenceResult:
     """Multi-stage influence ``S [n_pretrain, n_query]`` with its record (convergence, timings, sizes).
@@ -370,7 +447,8 @@ def compute_multistage(
     ``max_dense_params``, ``rhs_chunk_size``). Losses ``(model, batch) → per-example values [B]``:
     ``loss_fn`` for every stage, or ``pretrain_loss_fn`` / ``finetune_loss_fn`` / ``query_fn``. ``comm``: a
     process group (``lightning_msif.distributed``); ``store``: keeps partial results so a rerun resumes;
-    ``pretrain_gradients``: ``[n, dim]`` from ``per_example_gradients``, replacing the scoring pass.
+    ``pretrain_gradients``: ``[n, dim]`` from ``per_example_gradients``, replacing the scoring pass;
+    ``index``: a gradient index from ``capture_gradient_index``, replacing it with one product per block.
     """
     args = InfluenceArguments(shared=shared, mode=mode, alpha=alpha, damping=damping, curvature=curvature,
                               solver=solver, hessian_samples=hessian_samples, chunk_size=chunk_size, scoring=scoring,
@@ -382,7 +460,7 @@ def compute_multistage(
     return multistage_scores(pretrain_model, finetune_model, pretrain_data, finetune_data, query_data, args,
                              pretrain_loss_fn=pretrain_loss_fn or loss, finetune_loss_fn=finetune_loss_fn or loss,
                              query_fn=query_fn, progress=progress, comm=comm, store=store,
-                             pretrain_gradients=pretrain_gradients)
+                             pretrain_gradients=pretrain_gradients, index=index)
 
 
 def multistage_influence(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -408,11 +486,13 @@ def compute_single_stage(
     progress: bool = False,
     comm: Optional[Communicator] = None,
     store: Optional[ScoreStore] = None,
+    index: Optional[GradientIndex] = None,
     **options: Any,
 ) -> InfluenceResult:
     """Koh & Liang influence ``S[i, j] = −∇f(q_j)ᵀ (H + λI)⁻¹ ∇ℓ(z_i)``, shape ``[n_train, n_query]``, with its record.
 
-    Same sign convention, settings (those of ``ScoreArguments``) and row/column order as ``compute_multistage``.
+    Same sign convention, settings (those of ``ScoreArguments``) and row/column order as ``compute_multistage``;
+    ``index``: a gradient index of ``train_data`` (``capture_gradient_index``) instead of the scoring pass.
     """
     args = ScoreArguments(damping=damping, curvature=curvature, solver=solver, hessian_samples=hessian_samples,
                           chunk_size=chunk_size, scoring=scoring, gradients=gradients,
@@ -428,7 +508,9 @@ def compute_single_stage(
             raise MSIFError("The model has no trainable parameter (requires_grad=True): nothing to differentiate.")
         space = ParamSpace.of(train.params, names)
         run.info.update(mode="single", n_pretrain=len(train_src), n_query=len(query_src), dim=space.dim)
-        scores = _solve_and_score(train, space, lambda: _gradients(q, space, run), run)
+        if index is not None:
+            _index_projection(train, space, index)  # refused before any work
+        scores = _solve_and_score(train, space, lambda: _gradients(q, space, run), run, index=index)
     run.record_engines()
     run.info["peak_memory_mb"] = peak_memory_mb(train.device)
     return InfluenceResult(scores, run.info)

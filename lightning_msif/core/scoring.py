@@ -110,8 +110,14 @@ def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
             progress.update(stop - start)
         parts.append(part.to(s.device, s.dtype))
         rows.append(torch.arange(start, stop, device=s.device))
-    local = torch.cat(parts) if parts else s.new_zeros(0, s.shape[0])
-    index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=s.device)
+    return gather_in_order(comm, parts, rows, s.new_zeros(0, s.shape[0]))
+
+
+def gather_in_order(comm: Any, parts: List[torch.Tensor], rows: List[torch.Tensor],
+                    empty: torch.Tensor) -> torch.Tensor:
+    """Every rank's row blocks ``parts`` (at dataset rows ``rows``), gathered on every rank in dataset order."""
+    local = torch.cat(parts) if parts else empty
+    index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=empty.device)
     gathered = comm.all_gather_rows(local)
     order = comm.all_gather_rows(index)
     out = torch.empty_like(gathered)

@@ -327,7 +327,7 @@ class EKFACCurvature(Curvature):
                 "embedding": len([b for b in self.blocks if b.kind == "embedding"]),
                 "diagonal": kinds.get("diagonal", []), "leftover": self.objective.layer_map(self.space).leftover}
 
-    def _block_damping(self, block: Block) -> float:
+    def block_damping(self, block: Block) -> float:
         value = self.damping
         if self.shift is not None:
             coords = torch.cat([self.shift[self._slice(n)] for n in block.names])
@@ -339,6 +339,26 @@ class EKFACCurvature(Curvature):
         if relative is None:
             relative = HEURISTIC_DAMPING if self.damping == 0 else 0.0
         return value + relative * float(block.eig.mean())
+
+    def balance(self) -> Dict[str, Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
+        """Per parameter block (keyed by its first name): ``(Q_S, r, Q_A, c)`` with ``r cᵀ`` the best separable fit
+        of the block's damped eigenvalues ``Λ + λ`` (``r`` over ``Q_S``'s columns, ``c`` over ``Q_A``'s; a missing
+        basis is the identity; a diagonal block gives one entry per parameter, ``r`` its values, ``c = 1``). So
+        ``Q_S diag(r) Q_Sᵀ ⊗ Q_A diag(c) Q_Aᵀ`` is a Kronecker-factored stand-in for the damped block."""
+        out: Dict[str, Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor], torch.Tensor]] = {}
+        for block in self.blocks:
+            lam = block.eig + self.block_damping(block)
+            if block.kind == "diagonal":
+                shapes = dict(zip(self.space.names, self.space.numels))
+                for name, part in zip(block.names, torch.split(lam, [shapes[n] for n in block.names])):
+                    out[name] = (None, part, None, part.new_ones(1))
+                continue
+            rows, cols = lam.mean(1), lam.mean(0) / lam.mean()  # r_i c_j = Λ_ij + λ when Λ + λ is separable
+            if block.kind == "kronecker":
+                out[block.names[0]] = (block.q_s, rows, block.q_a, cols)
+            else:  # embedding [V, D]: the vocabulary in the plain basis, the width in q_s
+                out[block.names[0]] = (None, rows, block.q_s, cols)
+        return out
 
     def _slice(self, name: str) -> slice:
         start = 0
@@ -353,7 +373,7 @@ class EKFACCurvature(Curvature):
         shapes = dict(zip(self.space.names, self.space.shapes))
         out: Params = {}
         for block in self.blocks:
-            lam = block.eig + self._block_damping(block)
+            lam = block.eig + self.block_damping(block)
             rotated = block.rotate(block.matrix(parts))
             if inverse:
                 if bool((lam <= 0).any()):
