@@ -13,12 +13,16 @@ size ``dim`` (per side of each layer):
   curvature already fitted (as the callbacks run it);
 - accuracy: Pearson / Spearman / relative error of the index's scores against the exact scoring pass's.
 
+And, without an index, the scoring pass with low-rank queries (``scoring="lowrank"``, ``query_rank``) for 32 and
+1,000 queries, against the exact pass for the same queries.
+
     python benchmarks/gradient_index.py            # both models
     python benchmarks/gradient_index.py --quick    # n = 1,000: a smoke run
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 import time
@@ -38,7 +42,8 @@ from lightning_msif.core.arguments import InfluenceArguments  # noqa: E402
 from lightning_msif.core.influence import multistage_scores  # noqa: E402
 
 
-def run(kind: str, n: int, dims: List[int], projections: List[str], batch_size: int) -> List[Dict[str, Any]]:
+def run(kind: str, n: int, dims: List[int], projections: List[str], ranks: List[int],
+        batch_size: int) -> List[Dict[str, Any]]:
     torch.manual_seed(0)
     if kind == "cnn":
         pre, fine = ResNet9(10), ResNet9(2)
@@ -54,14 +59,23 @@ def run(kind: str, n: int, dims: List[int], projections: List[str], batch_size: 
     args = InfluenceArguments(shared="backbone", mode="updated", alpha=1.0)
     factors = _Memory()
 
-    def scores(queries: Any, index: Any = None) -> Any:
-        return multistage_scores(pre, fine, *loaders, DataLoader(queries, batch_size=batch_size), args,
-                                 factors=factors, index=index)
+    def scores(queries: Any, index: Any = None, **settings: Any) -> Any:
+        return multistage_scores(pre, fine, *loaders, DataLoader(queries, batch_size=batch_size),
+                                 dataclasses.replace(args, **settings), factors=factors, index=index)
 
     exact = scores(q32)  # also fits the pretraining factors once, into `factors`
     rows = [{"model": kind, "n": n, "dim": "exact (scoring pass)", "epoch_s": epoch,
              "score_32_epochs": exact.info["seconds"]["score_pass"] / epoch,
              "whole_32_epochs": sum(v for k, v in exact.info["seconds"].items() if k != "pretrain_curvature") / epoch}]
+    for rank in ranks:  # no index: the scoring pass with each query's vector at rank `rank` per layer
+        got, many = scores(q32, scoring="lowrank", query_rank=rank), scores(q1000, scoring="lowrank", query_rank=rank)
+        rows.append({"model": kind, "n": n, "projection": f"lowrank queries, rank {rank}", "epoch_s": epoch,
+                     "score_32_epochs": got.info["seconds"]["score_pass"] / epoch,
+                     "score_1000_epochs": many.info["seconds"]["score_pass"] / epoch,
+                     "accuracy": agreement(got.scores, exact.scores)})
+    exact_many = scores(q1000)
+    rows.append({"model": kind, "n": n, "dim": "exact, 1,000 queries", "epoch_s": epoch,
+                 "score_1000_epochs": exact_many.info["seconds"]["score_pass"] / epoch})
     for projection, dim in [(p, d) for p in projections for d in dims]:
         start = time.perf_counter()
         index = capture_gradient_index(pre, loaders[0], MemoryIndexStore(), shared="backbone", dim=dim,
@@ -87,6 +101,7 @@ def main() -> None:
     parser.add_argument("--models", default="cnn,gpt2")
     parser.add_argument("--dims", default="8,32,128")
     parser.add_argument("--projections", default="eigen,random")
+    parser.add_argument("--ranks", default="1,8", help="scoring='lowrank' query ranks (no index)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -98,8 +113,10 @@ def main() -> None:
     print("|" + "---|" * len(cols))
     for kind in args.models.split(","):
         n = 1000 if args.quick else (10_000 if kind == "cnn" else 5_000)
-        dims = [int(d) for d in args.dims.split(",")]
-        for r in run(kind, n, dims, args.projections.split(","), args.batch_size):
+        dims = [int(d) for d in args.dims.split(",") if d]
+        ranks = [int(r) for r in args.ranks.split(",") if r]
+        projections = [p for p in args.projections.split(",") if p]
+        for r in run(kind, n, dims, projections, ranks, args.batch_size):
             print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
                                     for c in cols) + " |", flush=True)
 

@@ -33,7 +33,7 @@ PretrainingSnapshotConfig = settings_schema(
         ("progress", bool, setting(True, "progress bars on rank 0")),
     ],
     base=ScoreArguments,
-    exclude=("damping", "solver", "solver_options", "scoring"),
+    exclude=("damping", "solver", "solver_options", "scoring", "query_rank"),
     doc="Everything ``PretrainingSnapshot`` takes that YAML can hold (curvature settings as in InfluenceArguments).",
 )
 

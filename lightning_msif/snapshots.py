@@ -332,6 +332,10 @@ class SnapshotDir:
             save_yaml(self.index_dir / self.MANIFEST, {**spec, "complete": False})
         return IndexFiles(self.index_dir)
 
+    def remove_index(self) -> None:
+        """Remove the gradient index (e.g. one left by an earlier pretraining run, of other weights)."""
+        shutil.rmtree(self.index_dir, ignore_errors=True)
+
     def index_store(self) -> IndexFiles:
         """The blocks of the gradient index (``open_index`` first)."""
         return IndexFiles(self.index_dir)

@@ -242,6 +242,8 @@ def test_a_gradient_index_captured_at_the_end_of_pretraining_replaces_the_scorin
     SnapshotDir(tmp_path).write_stage("pretrain", module, "backbone", data=dm, train_dataset=dm.train_set)
     with pytest.raises(MSIFError, match="gradient index .* does not fit this run: other pretraining weights"):
         rescore(tmp_path, progress=False)
+    trainer(callbacks=[PretrainingSnapshot(tmp_path, progress=False)]).fit(module, datamodule=dm)
+    assert not SnapshotDir(tmp_path).index_dir.exists()  # pretraining again without an index drops the stale one
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(index_dim=0), "index_dim=0"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from reference import loader, rel_err, trained_problem
 from test_layers import Everything, _data, _loss
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_msif import MSIFError, MemoryIndexStore, capture_gradient_index, compute_multistage, compute_single_stage
 from lightning_msif.core.arguments import ScoreArguments
@@ -197,3 +197,67 @@ def test_the_eigen_projection_keeps_exactly_the_leading_eigen_directions_of_each
         expected += torch.einsum("nij,kij->nk", g, w)
     assert rel_err(got, expected) <= 1e-10
     assert torch.equal(rows[0], rows[1])
+
+
+# -- low-rank queries (the unprojected path) ------------------------------------------------------------------
+def test_lowrank_queries_at_full_rank_score_exactly_on_every_layer_kind():
+    """Conv2d (per position and per example), Embedding with padding, HF Conv1D, Linear; norms and a bare parameter
+    exactly: at a rank covering every layer the low-rank scores are the per-example gradients' dot products."""
+    from lightning_msif.core.lowrank import LowRankQueries
+
+    model, data, obj, space = _everything()
+    v = torch.randn(3, space.dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with evaluation(model):
+        want = obj.gradients(space) @ v.T
+        queries = LowRankQueries(obj, space, v, rank=64)
+        got = torch.cat([queries.scores(batch) for batch, _ in obj.batches(range(len(data)))])
+        one = LowRankQueries(obj, space, v, rank=1)
+        rank_one = torch.cat([one.scores(batch) for batch, _ in obj.batches(range(len(data)))])
+    assert rel_err(got, want) <= 1e-12
+    assert rel_err(rank_one, want) > 1e-3  # rank 1 truncates these random vectors
+
+
+def test_lowrank_scoring_is_exact_at_full_rank_and_approaches_it_with_the_rank():
+    pre, fine, pt, ft, q = trained_problem("updated", 1.0, 0.1)
+    settings = dict(shared="backbone", mode="updated", alpha=1.0, damping=0.1)
+    ref = compute_multistage(pre, fine, loader(pt), loader(ft), loader(q), **settings)
+    errors = {}
+    for rank in (1, 2, 4):  # 4 = min(out, in') of every layer of this net
+        got = compute_multistage(pre, fine, loader(pt), loader(ft), loader(q), scoring="lowrank", query_rank=rank,
+                                 **settings)
+        assert got.info["scoring"] == "lowrank"
+        errors[rank] = rel_err(got.scores, ref.scores)
+    assert errors[1] > errors[2] > 1e-6 and errors[4] <= 1e-12, errors
+    with pytest.raises(MSIFError, match="query_rank must be a whole number"):
+        compute_multistage(pre, fine, loader(pt), loader(ft), loader(q), scoring="lowrank", query_rank=0, **settings)
+
+
+def test_thin_products_equal_the_formed_gradient_on_convolutions_and_linear_layers():
+    """``diagonal_tokens`` (per position; a convolution's by one convolution) against ``⟨G, l rᵀ⟩`` from each example's
+    formed gradient: strides, dilation, padding and a bias-free convolution included."""
+    from test_curvature_kfac import _Convs
+
+    from lightning_msif.core.kronecker import Block, diagonal_tokens
+    from lightning_msif.core.layers import example_grads
+
+    torch.manual_seed(0)
+    model = _Convs().double()
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(5, 2, 8, 13, generator=g, dtype=torch.float64),
+                         torch.randint(0, 3, (5,), generator=g))
+    obj = Objective(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
+                    ExampleSource(DataLoader(data, batch_size=5), "data"), "training")
+    space = ParamSpace.of(obj.params, [n for n, _ in model.named_parameters()])
+    with evaluation(model):
+        capture, _ = obj.hooked_backward(space, next(obj.batches(range(5)))[0])
+    checked = 0
+    for layer in obj.layer_map(space).layers:
+        block = Block("kronecker", tuple(layer.names), layer)
+        for call in capture.calls.get(layer.path, []):
+            whole = block.matrix(example_grads(layer, [call]))  # [B, out, in']
+            left = torch.randn(whole.shape[1], 4, generator=g, dtype=torch.float64)
+            right = torch.randn(whole.shape[2], 4, generator=g, dtype=torch.float64)
+            want = torch.einsum("boi,om,im->bm", whole, left, right)
+            assert rel_err(diagonal_tokens(layer, call, left, right), want) <= 1e-12, layer.path
+            checked += 1
+    assert checked == 4

@@ -94,6 +94,8 @@ class PretrainingSnapshot(StageCallback):
             self._fit_curvature(trainer, pl_module)
         if self.index["dim"] is not None:
             self._capture_index(trainer, pl_module)
+        elif trainer.is_global_zero:  # an index left by an earlier run belongs to other weights
+            self.snapshots.remove_index()
 
     def _weights_sha(self, trainer: "pl.Trainer") -> str:
         manifest = self.manifest if trainer.is_global_zero else self.snapshots.manifest("pretrain")

@@ -23,7 +23,7 @@ from .solvers import SOLVERS
 
 AUTO = "auto"
 MODES = ("fixed", "updated")
-SCORING = ("auto", "grad", "jvp")
+SCORING = ("auto", "grad", "jvp", "lowrank")
 GRADIENTS = ("auto", "func", "hooks")
 
 
@@ -59,7 +59,9 @@ class ScoreArguments:
         dict, "options of the curvatures, e.g. curvature_options.rhs_chunk_size=128", factory=True)
     hessian_samples: Optional[int] = setting(None, "curvature from a fixed random subset of this many examples (null: all)")
     chunk_size: Optional[int] = setting(None, "examples per vectorised gradient chunk (null: sized by memory)")
-    scoring: str = setting("auto", "scoring pass: auto | grad (per-example gradients) | jvp (forward mode per query)")
+    scoring: str = setting("auto", "scoring pass: auto | grad (per-example gradients) | jvp (forward mode per query) | "
+                                   "lowrank (each query's vector at rank query_rank per layer, no full gradients)")
+    query_rank: int = setting(8, "scoring=lowrank: rank of each query's vector per layer (exact from min(out, in))")
     gradients: str = setting("auto", "per-example gradients: auto (torch.func where the model allows it, else "
                                      "module hooks) | func | hooks")
 
@@ -70,6 +72,9 @@ class ScoreArguments:
         _choice("curvature", self.curvature, (AUTO, *CURVATURES.names()))
         _choice("solver", self.solver, (AUTO, *SOLVERS.names()))
         _choice("scoring", self.scoring, SCORING)
+        if isinstance(self.query_rank, bool) or not isinstance(self.query_rank, int) or self.query_rank < 1:
+            raise MSIFError(f"query_rank must be a whole number ≥ 1 (the rank per layer of each query with "
+                            f"scoring='lowrank'), got {self.query_rank!r}.")
         _choice("gradients", self.gradients, GRADIENTS)
         for name in ("solver_options", "curvature_options"):
             value = getattr(self, name)

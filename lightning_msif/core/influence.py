@@ -180,7 +180,7 @@ def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, run: _Run) -
     run.info["scoring"] = method
     bar = run.bar(len(obj.source), f"scoring {obj.role} examples")
     with run.phase("score_pass"):
-        scores = score_pass(obj, space, s, method, run.store, bar)
+        scores = score_pass(obj, space, s, method, run.store, bar, rank=run.args.query_rank)
     if bar is not None:
         bar.close()
     return scores
@@ -266,10 +266,12 @@ def capture_gradient_index(model: nn.Module, data: Any, store: IndexStore, *, sh
 
     ``projection``: ``"eigen"`` (default) projects each Kronecker layer onto the leading ``dim`` eigenvectors of
     its two factors (deterministic; needs the balancing curvature), ``"random"`` onto seeded Gaussian directions
-    (an unbiased estimate of every score). ``balance`` (default): first change the gradients' basis by a Kronecker-factored square root of the curvature
-    the scores use (``arguments``' curvature and damping; reused from ``factors`` when fitted there, e.g. by
-    ``PretrainingSnapshot``), which leaves every score's expectation alone and makes the projection far more
-    accurate; only a Kronecker-factored curvature (EK-FAC/K-FAC) can balance, else the record says why not.
+    (an unbiased estimate of every score). ``balance`` (default): first change the gradients' basis by a
+    Kronecker-factored square root of the curvature the scores use (``arguments``' curvature and damping; reused
+    from ``factors`` when fitted there, e.g. by ``PretrainingSnapshot``), which leaves every score's expectation
+    alone and makes the projection far more accurate. Only a Kronecker-factored curvature (EK-FAC/K-FAC) can
+    balance; with another (the exact Hessian of a small model) the index is random and its description says
+    ``balanced: False``.
     """
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise MSIFError(f"dim must be a whole number ≥ 1 (the projected size per side of each layer), got {dim!r}.")
@@ -421,6 +423,7 @@ def compute_multistage(
     hessian_samples: Optional[int] = None,
     chunk_size: Optional[int] = None,
     scoring: str = "auto",
+    query_rank: int = 8,
     gradients: str = "auto",
     loss_fn: Optional[LossFn] = None,
     pretrain_loss_fn: Optional[LossFn] = None,
@@ -452,6 +455,7 @@ def compute_multistage(
     """
     args = InfluenceArguments(shared=shared, mode=mode, alpha=alpha, damping=damping, curvature=curvature,
                               solver=solver, hessian_samples=hessian_samples, chunk_size=chunk_size, scoring=scoring,
+                              query_rank=query_rank,
                               gradients=gradients, **_options(solver_options, curvature_options, options))
     if mode == "fixed" and alpha is not None:
         warnings.warn(f"alpha={alpha} is ignored in mode='fixed' (it is the proximal strength of mode='updated').",
@@ -480,6 +484,7 @@ def compute_single_stage(
     hessian_samples: Optional[int] = None,
     chunk_size: Optional[int] = None,
     scoring: str = "auto",
+    query_rank: int = 8,
     gradients: str = "auto",
     loss_fn: Optional[LossFn] = None,
     query_fn: Optional[LossFn] = None,
@@ -495,7 +500,7 @@ def compute_single_stage(
     ``index``: a gradient index of ``train_data`` (``capture_gradient_index``) instead of the scoring pass.
     """
     args = ScoreArguments(damping=damping, curvature=curvature, solver=solver, hessian_samples=hessian_samples,
-                          chunk_size=chunk_size, scoring=scoring, gradients=gradients,
+                          chunk_size=chunk_size, scoring=scoring, query_rank=query_rank, gradients=gradients,
                           **_options(solver_options, curvature_options, options))
     run = _Run(args, progress, comm or LocalComm(), store)
     loss = loss_fn or cross_entropy_loss

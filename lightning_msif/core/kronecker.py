@@ -113,3 +113,26 @@ def sandwiched_grads(block: Block, calls: Sequence[Call]) -> Optional[torch.Tens
         m = sandwiched_tokens(block, call)
         total = m if total is None else total + m
     return total
+
+
+def diagonal_tokens(layer: Layer, call: Call, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``[B, m]``: ``Σ_t (left_iᵀ g_t)(right_iᵀ ã_t)`` for each of the ``m`` column pairs, i.e. ``⟨G, left_i right_iᵀ⟩``
+    for each example's gradient ``G`` of a Kronecker layer, without forming ``G`` (a convolution's ``right_iᵀ ã`` by
+    one convolution)."""
+    bias = layer.bias is not None
+    if layer.kind == "conv2d":
+        a = rotated_patches(layer.module, call.inputs, right, bias)  # [B, m, L]
+        return (a * (left.T @ call.grad.flatten(2))).sum(-1)
+    a = token_inputs(layer, call)
+    a = a @ right[:-1] + right[-1] if bias else a @ right
+    return (a * (token_grads(layer, call) @ left)).sum(1)
+
+
+def embedding_rows(layer: Layer, call: Call, table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(table[id_t] [B, T, m], g_t [B, T, D])`` of an embedding call: a matrix's rows picked by each position's
+    token (zero for the padding token, which has no gradient) and the gradient at each position's output."""
+    ids = call.inputs.reshape(call.inputs.shape[0], -1)
+    rows = table[ids]
+    if layer.module.padding_idx is not None:
+        rows = rows * (ids != layer.module.padding_idx).unsqueeze(-1).to(rows.dtype)
+    return rows, call.grad.reshape(ids.shape[0], ids.shape[1], -1)

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import MSIFError
 from .data import batch_size_of
-from .kronecker import Block, sandwiched_grads
+from .kronecker import Block, embedding_rows, sandwiched_grads
 from .layers import KRONECKER_KINDS, Call
 from .objective import Objective
 from .params import ParamSpace
@@ -179,17 +179,11 @@ class Projection:
 
 
 def _embedding(block: Block, calls: List[Call]) -> Optional[torch.Tensor]:
-    """``[B, k_V, k_D]``: ``Σ_t P_V[:, id_t] (P_D g_t)ᵀ`` per example (padding tokens left out)."""
+    """``[B, k_V, k_D]``: ``Σ_t P_V[:, id_t] (P_D g_t)ᵀ`` per example."""
     total = None
-    pad = block.layer.module.padding_idx
     for call in calls:
-        if call.grad is None:
-            continue
-        ids = call.inputs.reshape(call.inputs.shape[0], -1)
-        rows = block.q_a[ids]  # [B, T, k_V]
-        if pad is not None:
-            rows = rows * (ids != pad).unsqueeze(-1).to(rows.dtype)
-        g = call.grad.reshape(ids.shape[0], ids.shape[1], -1) @ block.q_s  # [B, T, k_D]
-        m = torch.bmm(rows.transpose(1, 2), g)
-        total = m if total is None else total + m
+        if call.grad is not None:
+            rows, g = embedding_rows(block.layer, call, block.q_a)
+            m = torch.bmm(rows.transpose(1, 2), g @ block.q_s)
+            total = m if total is None else total + m
     return total

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
+from .lowrank import LowRankQueries
 from .objective import Objective
 from .params import ParamSpace
 
@@ -77,14 +78,16 @@ def cached(store: Optional[ScoreStore], comm: Any, key: str, compute: Callable[[
 
 def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
                store: Optional[ScoreStore] = None, progress: Optional[Any] = None,
-               block: Optional[int] = None) -> torch.Tensor:
+               block: Optional[int] = None, rank: int = 8) -> torch.Tensor:
     """``[n, k]`` scores on every rank; each rank computes (or reloads) its blocks, then all gather.
 
-    ``method`` is ``'grad'``, ``'jvp'`` or ``'auto'`` (see ``fastest_method``).
+    ``method`` is ``'grad'``, ``'jvp'``, ``'lowrank'`` (the queries at ``rank`` per layer) or ``'auto'`` (see
+    ``fastest_method``).
     """
     comm, n = obj.comm, len(obj.source)
     if method == "auto":
         method = fastest_method(obj, space, s)[0]
+    lowrank = LowRankQueries(obj, space, s, rank) if method == "lowrank" else None
     block = block or DEFAULT_BLOCK
     starts = list(range(0, n, block))[comm.rank :: comm.world_size]
     # Fewer, larger vectorised calls: up to SCORING_BATCH_FACTOR × the data's batch size per read,
@@ -100,7 +103,7 @@ def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
         if part is None:
             pieces = []
             for batch, idx in obj.batches(range(start, stop), shard=False, batch_size=size):
-                piece = obj.dot_grads(space, s, batch, method)
+                piece = lowrank.scores(batch) if lowrank is not None else obj.dot_grads(space, s, batch, method)
                 obj.assert_finite(piece, "per-example gradients", idx)
                 pieces.append(piece)
             part = -torch.cat(pieces)
