@@ -30,6 +30,8 @@ PretrainingSnapshotConfig = settings_schema(
         ("index_dtype", str, setting("float32", "float32 | float16 | bfloat16 | float64: the index's stored "
                                                 "precision")),
         ("index_block", int, setting(4096, "examples per file of the gradient index")),
+        ("index_autocast", Optional[str], setting(None, "bfloat16 | float16: capture the index under torch.autocast "
+                                                       "(null: full precision)")),
         ("progress", bool, setting(True, "progress bars on rank 0")),
     ],
     base=ScoreArguments,

@@ -247,7 +247,9 @@ def test_a_gradient_index_captured_at_the_end_of_pretraining_replaces_the_scorin
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(index_dim=0), "index_dim=0"),
-                                           (dict(index_dtype="int8"), "index_dtype must be one of")])
+                                           (dict(index_dtype="int8"), "index_dtype must be one of"),
+                                           (dict(index_autocast="float64"), "index_autocast must be one of"),
+                                           (dict(index_projection="pca"), "index_projection must be one of")])
 def test_bad_index_arguments(tmp_path, kwargs, match):
     with pytest.raises(MSIFError, match=match):
         PretrainingSnapshot(tmp_path, **kwargs)

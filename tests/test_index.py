@@ -261,3 +261,22 @@ def test_thin_products_equal_the_formed_gradient_on_convolutions_and_linear_laye
             assert rel_err(diagonal_tokens(layer, call, left, right), want) <= 1e-12, layer.path
             checked += 1
     assert checked == 4
+
+
+def test_a_capture_under_bfloat16_autocast_is_close_to_the_full_precision_one():
+    torch.manual_seed(0)
+    model = Everything().float().eval()
+    data = _data()
+    obj = Objective(model, _loss, ExampleSource(DataLoader(data, batch_size=4), "data"), "training")
+    space = ParamSpace.of(obj.params, [n for n, _ in model.named_parameters()])
+    projection = Projection(obj, space, dim=3, seed=1, kind="random")
+    stores = {}
+    with evaluation(model):
+        for autocast in (None, "bfloat16"):
+            stores[autocast] = MemoryIndexStore()
+            capture_index(obj, projection, stores[autocast], block=4, autocast=autocast)
+    full, half = (torch.cat([stores[a][k] for k in sorted(stores[a])]) for a in (None, "bfloat16"))
+    assert full.dtype == half.dtype == torch.float32
+    assert 1e-5 < rel_err(half, full) < 5e-2  # bf16 really ran, and stayed close
+    with pytest.raises(MSIFError, match="autocast must be one of"):
+        capture_gradient_index(model, data, MemoryIndexStore(), autocast="int8", loss_fn=_loss)

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from ..atomic import PathLike
 from ..core.arguments import InfluenceArguments
 from ..core.data import dataset_of
-from ..core.index import INDEX_DTYPES
+from ..core.index import AUTOCAST, INDEX_DTYPES
 from ..core.projection import KINDS as PROJECTIONS
 from ..core.influence import capture_gradient_index, fit_pretraining_curvature, per_example_gradients
 from ..core.scoring import DEFAULT_BLOCK
@@ -37,7 +37,8 @@ class PretrainingSnapshot(StageCallback):
     ``index_dim``: capture a gradient index of the pretraining set after training (each layer's per-example
     gradient projected to ``index_dim`` per side onto its curvature's leading eigenvectors, or seeded random
     directions with ``index_projection="random"`` (seed ``index_seed``), kept in ``index_dtype``, ``index_block``
-    examples per file), so scoring reads it instead of the pretraining data; None (default): no index.
+    examples per file, captured under ``torch.autocast`` in ``index_autocast`` when given), so scoring reads it
+    instead of the pretraining data; None (default): no index.
     """
 
     STAGE = "pretrain"
@@ -48,7 +49,7 @@ class PretrainingSnapshot(StageCallback):
                  fit_curvature: bool = True, snapshot_every_n_epochs: Optional[int] = None,
                  store_gradients: bool = False, index_dim: Optional[int] = None, index_seed: int = 0,
                  index_projection: str = "eigen", index_dtype: str = "float32", index_block: int = DEFAULT_BLOCK,
-                 progress: bool = True):
+                 index_autocast: Optional[str] = None, progress: bool = True):
         self.arguments = InfluenceArguments(shared=shared, curvature=curvature, hessian_samples=hessian_samples,
                                             curvature_options=dict(curvature_options or {}), chunk_size=chunk_size,
                                             gradients=gradients)  # the same checks as the finetune stage's
@@ -68,10 +69,12 @@ class PretrainingSnapshot(StageCallback):
             raise MSIFError(f"index_dtype must be one of {list(INDEX_DTYPES)}, got {index_dtype!r}.")
         if isinstance(index_block, bool) or not isinstance(index_block, int) or index_block < 1:
             raise MSIFError(f"index_block={index_block!r}: must be a whole number ≥ 1 (examples per index file).")
+        if index_autocast is not None and index_autocast not in AUTOCAST:
+            raise MSIFError(f"index_autocast must be one of {list(AUTOCAST)} or None, got {index_autocast!r}.")
         if index_projection not in PROJECTIONS:
             raise MSIFError(f"index_projection must be one of {list(PROJECTIONS)}, got {index_projection!r}.")
         self.index = {"dim": index_dim, "seed": int(index_seed), "dtype": index_dtype, "block": index_block,
-                      "projection": index_projection}
+                      "projection": index_projection, "autocast": index_autocast}
         self.fit_curvature = bool(fit_curvature)
         self.progress = progress
         self.manifest: Any = None  # the last manifest written (rank 0)

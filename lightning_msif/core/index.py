@@ -19,6 +19,7 @@ from .scoring import DEFAULT_BLOCK, SCORING_BATCH_FACTOR, gather_in_order
 
 INDEX_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
+AUTOCAST = ("bfloat16", "float16")
 
 
 class IndexStore(Protocol):
@@ -77,9 +78,12 @@ def block_key(start: int, stop: int) -> str:
 
 
 def capture_index(obj: Objective, projection: Projection, store: IndexStore, dtype: str = "float32",
-                  block: int = DEFAULT_BLOCK, progress: Optional[Any] = None) -> Dict[str, Any]:
+                  block: int = DEFAULT_BLOCK, progress: Optional[Any] = None,
+                  autocast: Optional[str] = None) -> Dict[str, Any]:
     """Write this rank's blocks of ``obj``'s examples' projected gradients (those not yet in ``store``); returns
-    how many examples were captured now and how many were already there, over all ranks."""
+    how many examples were captured now and how many were already there, over all ranks. ``autocast``
+    (``"bfloat16"`` | ``"float16"``): the forward, backward and projections under ``torch.autocast`` in that
+    precision (products accumulate in float32 inside each kernel; rows are stored in ``dtype``)."""
     comm, n = obj.comm, len(obj.source)
     if n == 0:
         raise MSIFError(f"No {obj.role} examples to index: pass data with examples.")
@@ -92,7 +96,9 @@ def capture_index(obj: Objective, projection: Projection, store: IndexStore, dty
         else:
             rows = []
             for batch, idx in obj.batches(range(start, stop), shard=False, batch_size=size):
-                r = projection.examples(batch, idx)
+                with torch.autocast(obj.device.type, dtype=INDEX_DTYPES[autocast or "float32"],
+                                    enabled=autocast is not None):
+                    r = projection.examples(batch, idx)
                 obj.assert_finite(r, "projected gradients", idx)
                 rows.append(r.to(INDEX_DTYPES[dtype]))
             store.put(key, torch.cat(rows))

@@ -26,7 +26,7 @@ from .auto import choose_curvature, choose_solver
 from .comm import Communicator, LocalComm
 from .curvature import CURVATURES, Curvature
 from .data import ExampleSource
-from .index import INDEX_DTYPES, GradientIndex, IndexStore, capture_index, index_scores
+from .index import AUTOCAST, INDEX_DTYPES, GradientIndex, IndexStore, capture_index, index_scores
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
 from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_shared
 from .projection import Projection
@@ -254,7 +254,7 @@ def _index_projection(pt: Objective, space: ParamSpace, index: GradientIndex) ->
 
 def capture_gradient_index(model: nn.Module, data: Any, store: IndexStore, *, shared: Optional[str] = None,
                            dim: int = 16, seed: int = 0, dtype: str = "float32", projection: str = "eigen",
-                           balance: bool = True,
+                           balance: bool = True, autocast: Optional[str] = None,
                            arguments: Optional[ScoreArguments] = None, factors: Optional[FactorStore] = None,
                            loss_fn: Optional[LossFn] = None, block: int = DEFAULT_BLOCK, progress: bool = False,
                            comm: Optional[Communicator] = None) -> GradientIndex:
@@ -271,12 +271,15 @@ def capture_gradient_index(model: nn.Module, data: Any, store: IndexStore, *, sh
     from ``factors`` when fitted there, e.g. by ``PretrainingSnapshot``), which leaves every score's expectation
     alone and makes the projection far more accurate. Only a Kronecker-factored curvature (EK-FAC/K-FAC) can
     balance; with another (the exact Hessian of a small model) the index is random and its description says
-    ``balanced: False``.
+    ``balanced: False``. ``autocast`` (``"bfloat16"`` | ``"float16"``): capture under ``torch.autocast`` (the
+    curvature that balances it is fitted in full precision).
     """
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise MSIFError(f"dim must be a whole number ≥ 1 (the projected size per side of each layer), got {dim!r}.")
     if dtype not in INDEX_DTYPES:
         raise MSIFError(f"dtype must be one of {list(INDEX_DTYPES)}, got {dtype!r}.")
+    if autocast is not None and autocast not in AUTOCAST:
+        raise MSIFError(f"autocast must be one of {list(AUTOCAST)} or None, got {autocast!r}.")
     run = _Run(arguments or ScoreArguments(), progress, comm or LocalComm(), factors=factors)
     with evaluation(model):
         obj = run.objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "pretrain_data"), "pretraining")
@@ -287,7 +290,7 @@ def capture_gradient_index(model: nn.Module, data: Any, store: IndexStore, *, sh
             weights = op.balance() if callable(getattr(op, "balance", None)) else None
         projector = Projection(obj, space, dim, seed, balance=weights, kind=projection)
         bar = run.bar(len(obj.source), "gradient index")
-        capture_index(obj, projector, store, dtype, block, bar)
+        capture_index(obj, projector, store, dtype, block, bar, autocast)
         if bar is not None:
             bar.close()
     return GradientIndex(store, len(obj.source), projector.describe(), projector.duals, block)
