@@ -43,7 +43,7 @@ from lightning_msif.core.influence import multistage_scores  # noqa: E402
 
 
 def run(kind: str, n: int, dims: List[int], projections: List[str], ranks: List[int], batch_size: int,
-        autocast: Any = None) -> List[Dict[str, Any]]:
+        autocast: Any = None, balance: bool = True) -> List[Dict[str, Any]]:
     torch.manual_seed(0)
     if kind == "cnn":
         pre, fine = ResNet9(10), ResNet9(2)
@@ -80,14 +80,14 @@ def run(kind: str, n: int, dims: List[int], projections: List[str], ranks: List[
         start = time.perf_counter()
         index = capture_gradient_index(pre, loaders[0], MemoryIndexStore(), shared="backbone", dim=dim,
                                        projection=projection, arguments=args, factors=factors,  # balanced by them
-                                       autocast=autocast)
+                                       autocast=autocast, balance=balance)
         capture = time.perf_counter() - start
         size_mb = sum(t.numel() * t.element_size() for t in index.store.values()) / 2**20
         start = time.perf_counter()
         got = scores(q32, index)
         whole = time.perf_counter() - start
         many = scores(q1000, index)
-        label = projection + (f", {autocast}" if autocast else "")
+        label = projection + (f", {autocast}" if autocast else "") + ("" if balance else ", not balanced")
         rows.append({"model": kind, "n": n, "projection": label, "dim": dim,
                      "out_dim": index.projection["out_dim"], "epoch_s": epoch, "capture_epochs": capture / epoch,
                      "index_mb": size_mb,
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--projections", default="eigen,random")
     parser.add_argument("--ranks", default="1,8", help="scoring='lowrank' query ranks (no index)")
     parser.add_argument("--autocast", default=None, help="capture the indexes under torch.autocast (bfloat16)")
+    parser.add_argument("--no-balance", action="store_true", help="indexes without the curvature's change of basis")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -119,7 +120,7 @@ def main() -> None:
         dims = [int(d) for d in args.dims.split(",") if d]
         ranks = [int(r) for r in args.ranks.split(",") if r]
         projections = [p for p in args.projections.split(",") if p]
-        for r in run(kind, n, dims, projections, ranks, args.batch_size, args.autocast):
+        for r in run(kind, n, dims, projections, ranks, args.batch_size, args.autocast, not args.no_balance):
             print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
                                     for c in cols) + " |", flush=True)
 
