@@ -234,6 +234,8 @@ def test_a_gradient_index_captured_at_the_end_of_pretraining_replaces_the_scorin
     assert manifest.exists() and "complete: true" in manifest.read_text()
     cb, fine, ft_dm = _finetune(tmp_path, FIXED)
     assert cb.info["scoring"] == "gradient_index" and cb.info["index"]["dim"] == 8
+    assert cb.info["index"]["kind"] == "random" and cb.info["index"]["balanced"] is False  # exact Hessian: no balance
+    assert OmegaConf.load(tmp_path / "scores.yaml").info.index.out_dim == 31  # recorded beside the scores
     ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
     assert rel_err(cb.scores, ref) <= 1e-10
     assert rel_err(rescore(tmp_path, progress=False).scores, ref) <= 1e-10  # from the snapshots: the index again

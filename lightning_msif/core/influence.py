@@ -224,7 +224,7 @@ def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.T
             return -(gradients.to(s.device, s.dtype) @ s.T)
     if index is not None and projection is not None:
         run.info["scoring"] = "gradient_index"
-        run.info["index"] = {k: index.projection[k] for k in ("dim", "seed", "out_dim")}
+        run.info["index"] = {k: index.projection.get(k) for k in ("kind", "dim", "seed", "out_dim", "balanced")}
         bar = run.bar(index.n, f"scoring {pt.role} examples from the gradient index")
         with run.phase("score_pass"):
             scores = index_scores(index.store, index.n, projection.vectors(s), run.comm, index.block, bar)
