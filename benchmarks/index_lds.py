@@ -6,6 +6,7 @@ of a few sizes per side of each layer; plus grad-dot as the no-curvature floor. 
 ``evaluate`` as extra scores, so every row is measured against the same retraining runs.
 
     python benchmarks/index_lds.py            # about 4 minutes on 2 cores
+    python benchmarks/index_lds.py --arch cnn # the convolutional recipe
     python benchmarks/index_lds.py --quick    # a smoke run
 """
 from __future__ import annotations
@@ -32,10 +33,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="5 removals, 4 subsets × 2 seeds")
     ap.add_argument("--dims", default="2,4,8", help="index sizes per side of each layer")
     ap.add_argument("--hidden", type=int, default=8)
+    ap.add_argument("--arch", default="mlp", choices=["mlp", "cnn"], help="the recipe's backbone (results.md §7.1)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = DigitsRecipe(hidden=args.hidden, finetune_limit=50)
+    recipe = DigitsRecipe(hidden=args.hidden, finetune_limit=50, arch=args.arch)
     n = len(recipe.pretrain_data)
     pre, fine = recipe(range(n), 0)  # the models `evaluate` scores (its seed 0, all examples)
     settings = InfluenceArguments(shared=recipe.shared, mode=recipe.mode, alpha=recipe.alpha, damping=recipe.damping,
@@ -58,8 +60,8 @@ def main() -> None:
         result = evaluate(recipe, config, curvature="ekfac", solver="direct", methods=["multistage", "grad_dot"],
                           extra_scores=extra)
     dim = sum(p.numel() for n_, p in pre.named_parameters() if p.requires_grad)
-    print(f"digits recipe, {n} pretraining examples, {len(recipe.query_data)} queries, {dim} pretraining parameters; "
-          f"EK-FAC; evaluation {time.perf_counter() - start:.0f} s")
+    print(f"digits recipe ({args.arch}), {n} pretraining examples, {len(recipe.query_data)} queries, {dim} pretraining "
+          f"parameters; EK-FAC; evaluation {time.perf_counter() - start:.0f} s")
     print("| method | numbers per example | LOO Pearson | LOO Spearman | LDS (mean ± std) |")
     print("|---|---|---|---|---|")
     for row in result.rows:
