@@ -59,14 +59,6 @@ class GradientIndex:
     duals: Dict[str, torch.Tensor]  # the projection's matrices for vectors (``Projection.duals``)
     block: int = DEFAULT_BLOCK
 
-    @property
-    def dim(self) -> int:
-        return int(self.projection["dim"])
-
-    @property
-    def seed(self) -> int:
-        return int(self.projection["seed"])
-
 
 def blocks(n: int, block: int = DEFAULT_BLOCK) -> List[Tuple[int, int]]:
     """The fixed global blocks ``[start, stop)`` of ``n`` examples."""
