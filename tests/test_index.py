@@ -280,3 +280,17 @@ def test_a_capture_under_bfloat16_autocast_is_close_to_the_full_precision_one():
     assert 1e-5 < rel_err(half, full) < 5e-2  # bf16 really ran, and stayed close
     with pytest.raises(MSIFError, match="autocast must be one of"):
         capture_gradient_index(model, data, MemoryIndexStore(), autocast="int8", loss_fn=_loss)
+
+
+def test_a_non_finite_or_overflowing_example_is_named_by_its_dataset_index():
+    """NaN in an input (caught at its loss), and a gradient too large for a float16 index (caught in its rows)."""
+    model, data, obj, space = _everything()
+    image, ids, y = data.tensors
+    for scale, dtype, what in ((float("nan"), "float32", "losses"), (1e7, "float16", "projected gradients")):
+        changed = image.clone()
+        changed[6] *= scale  # NaN everywhere in example 6, or its image 10⁷ times larger
+        bad = Objective(model, _loss, ExampleSource(DataLoader(TensorDataset(changed, ids, y), batch_size=4), "data"),
+                        "training")
+        with evaluation(model), pytest.raises(MSIFError, match=rf"NaN/inf in the training {what} at dataset indices "
+                                                               r"\[6\]"):
+            capture_index(bad, Projection(bad, space, dim=2), MemoryIndexStore(), dtype=dtype, block=8)

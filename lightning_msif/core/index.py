@@ -86,14 +86,15 @@ def capture_index(obj: Objective, projection: Projection, store: IndexStore, dty
         if store.has(key):
             kept += stop - start
         else:
-            rows = []
+            rows, where = [], []
             for batch, idx in obj.batches(range(start, stop), shard=False, batch_size=size):
                 with torch.autocast(obj.device.type, dtype=INDEX_DTYPES[autocast or "float32"],
                                     enabled=autocast is not None):
-                    r = projection.examples(batch, idx)
-                obj.assert_finite(r, "projected gradients", idx)
-                rows.append(r.to(INDEX_DTYPES[dtype]))
-            store.put(key, torch.cat(rows))
+                    rows.append(projection.examples(batch, idx).to(INDEX_DTYPES[dtype]))
+                where.append(idx)
+            block_rows = torch.cat(rows)
+            obj.assert_finite(block_rows, "projected gradients", torch.cat(where))  # one device sync per block
+            store.put(key, block_rows)
             done += stop - start
         if progress is not None:
             progress.update(stop - start)
