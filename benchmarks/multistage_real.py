@@ -129,7 +129,7 @@ def adam(model: nn.Module, loader: DataLoader, epochs: int = 1) -> nn.Module:
     return model.eval()
 
 
-def run(kind: str, n: int, queries: int, batch_size: int) -> List[Dict[str, Any]]:
+def run(kind: str, n: int, queries: int, batch_size: int, curvature_options: Dict[str, Any]) -> List[Dict[str, Any]]:
     torch.manual_seed(0)
     if kind == "cnn":
         pre, make = ResNet9(10), lambda: ResNet9(2)
@@ -150,9 +150,11 @@ def run(kind: str, n: int, queries: int, batch_size: int) -> List[Dict[str, Any]
         adam(fine, DataLoader(ft, batch_size=batch_size, shuffle=True))
         loaders = [DataLoader(d, batch_size=batch_size) for d in (pt, ft, q)]
         start = time.perf_counter()
-        fitted = fit_pretraining_curvature(pre, loaders[0], _Memory(), shared="backbone", arguments=ScoreArguments())
+        fitted = fit_pretraining_curvature(pre, loaders[0], _Memory(), shared="backbone",
+                                           arguments=ScoreArguments(curvature_options=curvature_options))
         fit = time.perf_counter() - start
-        settings = dict(shared="backbone", mode=mode, alpha=1.0 if mode == "updated" else None)
+        settings = dict(shared="backbone", mode=mode, alpha=1.0 if mode == "updated" else None,
+                        curvature_options=curvature_options)
         start = time.perf_counter()
         result = compute_multistage(pre, fine, *loaders, **settings)
         total = time.perf_counter() - start
@@ -164,7 +166,8 @@ def run(kind: str, n: int, queries: int, batch_size: int) -> List[Dict[str, Any]
                      "pretrain_solve_epochs": sec.get("pretrain", 0) / epoch,
                      "score_pass_epochs": sec.get("score_pass", 0) / epoch, "total_epochs": total / epoch,
                      "finite": bool(torch.isfinite(result.scores).all())})
-    others = {label: compute_multistage(pre, fine, *loaders, **settings, curvature_options=opts).scores
+    others = {label: compute_multistage(pre, fine, *loaders,
+                                        **{**settings, "curvature_options": {**curvature_options, **opts}}).scores
               for label, opts in (("bases from all examples", {"basis_examples": None}),
                                   ("another label draw", {"fisher_seed": 1}))}
     print(f"{kind}, updated mode, default scores against: "
@@ -196,13 +199,15 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--basis-examples", type=int, default=None, help="EK-FAC's basis_examples (default: its own)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     rows = []
     for kind in args.models.split(","):
         n = 1000 if args.quick else (10_000 if kind == "cnn" else 5_000)
-        rows += run(kind, n, args.queries, args.batch_size)
+        options = {} if args.basis_examples is None else {"basis_examples": args.basis_examples}
+        rows += run(kind, n, args.queries, args.batch_size, options)
     cols = ["model", "mode", "n", "params", "epoch_s", "pretrain_curvature", "fit_pretrain_epochs",
             "finetune_side_epochs", "pretrain_solve_epochs", "score_pass_epochs", "total_epochs", "finite"]
     print("| " + " | ".join(cols) + " |")
