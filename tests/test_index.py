@@ -294,3 +294,28 @@ def test_a_non_finite_or_overflowing_example_is_named_by_its_dataset_index():
         with evaluation(model), pytest.raises(MSIFError, match=rf"NaN/inf in the training {what} at dataset indices "
                                                                r"\[6\]"):
             capture_index(bad, Projection(bad, space, dim=2), MemoryIndexStore(), dtype=dtype, block=8)
+
+
+class _Unused(torch.nn.Module):
+    """A net with a layer no example reaches (its gradients are zero; K-FAC makes it a zero diagonal block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.spare, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_a_layer_no_example_reaches_is_indexed_by_either_kronecker_curvature(curvature):
+    from reference import blobs
+
+    torch.manual_seed(0)
+    model, data = _Unused().double(), blobs(9, 3, seed=2)
+    arguments = ScoreArguments(curvature=curvature, damping=0.1)
+    ref = compute_single_stage(model, loader(data), loader(data), damping=0.1, curvature=curvature)
+    index = capture_gradient_index(model, loader(data), MemoryIndexStore(), dim=8, dtype="float64",
+                                   arguments=arguments)
+    got = compute_single_stage(model, loader(data), loader(data), damping=0.1, curvature=curvature, index=index)
+    assert index.projection["balanced"] and rel_err(got.scores, ref.scores) <= 1e-12

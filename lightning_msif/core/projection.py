@@ -106,6 +106,8 @@ class Projection:
             else:
                 continue
             q_s, r, q_a, c = balance.get(block.names[0], (None, None, None, None))
+            if r is not None and (r.numel() != rows or c.numel() != cols):  # e.g. a layer K-FAC saw no data reach
+                q_s, r, q_a, c = None, None, None, None
             p_rows = _gaussian(seed, f"{layer.weight}/rows", rows, dim, like)
             p_cols = _gaussian(seed, f"{layer.weight}/columns", cols, dim, like)
             if kind == "eigen" and block.kind == "kronecker" and q_s is not None:  # the leading eigenvectors
@@ -121,6 +123,7 @@ class Projection:
         for name in space.names:  # one dense projection per remaining parameter
             if name not in covered:
                 _, r, _, _ = balance.get(name, (None, None, None, None))
+                r = r if r is not None and r.numel() == shapes[name].numel() else None
                 p = _gaussian(seed, name, shapes[name].numel(), dim * dim, like)
                 parts.append((Block("diagonal", (name,), q_a=_side(p, None, r, -0.5)), _side(p, None, r, 0.5), None))
         order = {n: i for i, n in enumerate(space.names)}

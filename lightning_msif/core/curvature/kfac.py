@@ -219,6 +219,7 @@ def _plain_basis(block: Block, space: ParamSpace, objective: Objective) -> None:
     kw = {"dtype": objective.dtype, "device": objective.device}
     block.q_s = torch.eye(shape[1] if block.kind == "kronecker" else shape[2], **kw)
     block.q_a = torch.eye(shape[2], **kw) if block.kind == "kronecker" else None
+    block.eig = torch.zeros(shape[1:], **kw)  # zero unless the correction pass reaches the layer
 
 
 def _squares(block: Block, diag: Params) -> torch.Tensor:
