@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .atomic import PathLike, save_tensors, save_yaml, sha256_file
+from .core.index import GradientIndex
 from .core.params import shared_names
 from .errors import MSIFError
 from .version import __version__
@@ -347,24 +348,24 @@ class SnapshotDir:
         save_yaml(self.index_dir / self.MANIFEST, {**(self.index_spec() or {}), "projection": projection,
                                                    "complete": True})
 
-    def index_spec(self) -> Optional[Dict[str, Any]]:
-        """The description of the index in the folder (without its completion flag), or None."""
+    def _index_manifest(self) -> Optional[Dict[str, Any]]:
         path = self.index_dir / self.MANIFEST
-        if not path.exists():
-            return None
-        spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        for key in ("complete", "projection"):  # written when the capture finishes
-            spec.pop(key, None)
-        return spec
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.exists() else None
 
-    def read_index(self, weights_sha: str, dataset: Any) -> Optional[Any]:
+    def index_spec(self) -> Optional[Dict[str, Any]]:
+        """The description of the index in the folder (without what is written when the capture finishes), or
+        None."""
+        manifest = self._index_manifest()
+        if manifest is None:
+            return None
+        return {k: v for k, v in manifest.items() if k not in ("complete", "projection")}
+
+    def read_index(self, weights_sha: str, dataset: Any) -> Optional[GradientIndex]:
         """The complete gradient index taken on these pretraining weights and this data, or None when there is
         none; an error when the folder holds one that does not fit (other weights, other data, unfinished)."""
-        from .core.index import GradientIndex
-
-        if self.index_spec() is None:
+        spec = self._index_manifest()
+        if spec is None:
             return None
-        spec = OmegaConf.to_container(OmegaConf.load(self.index_dir / self.MANIFEST), resolve=True)
         complete = bool(spec.get("complete"))
         problems = []
         if spec.get("format_version") != FORMAT_VERSION:

@@ -203,7 +203,7 @@ def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.T
     With stored per-example ``gradients`` ``[n, dim]`` (in ``space`` order) step 3 is one product; with a gradient
     ``index``, one product per block of the index with the projected ``s``.
     """
-    projection = _index_projection(pt, space, index) if index is not None else None
+    projection = _index_projection(pt, space, index) if index is not None else None  # refused before any work
     if gradients is not None and tuple(gradients.shape) != (len(pt.source), space.dim):
         raise MSIFError(
             f"The stored pretraining gradients have shape {tuple(gradients.shape)}, but the pretraining set and "
@@ -222,7 +222,7 @@ def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.T
         run.info["scoring"] = "stored_gradients"
         with run.phase("score_pass"):
             return -(gradients.to(s.device, s.dtype) @ s.T)
-    if index is not None and projection is not None:
+    if projection is not None:
         run.info["scoring"] = "gradient_index"
         run.info["index"] = {k: index.projection.get(k) for k in ("kind", "dim", "seed", "out_dim", "balanced")}
         bar = run.bar(index.n, f"scoring {pt.role} examples from the gradient index")
@@ -241,15 +241,15 @@ def _index_projection(pt: Objective, space: ParamSpace, index: GradientIndex) ->
         raise MSIFError(f"The gradient index covers {index.n} examples, but the {pt.role} data has "
                         f"{len(pt.source)}: it was captured on other data. Capture it again, or leave it out.")
     described = dict(index.projection)
-    projection = Projection(pt, space, int(described.get("dim", 0)) or 1, int(described.get("seed", 0)),
-                            duals=index.duals, balanced=bool(described.get("balanced")),
-                            kind=str(described.get("kind", "random"))) \
-        if described.get("names") == list(space.names) else None
-    if projection is None or projection.describe() != described:
-        raise MSIFError(f"The gradient index was captured for other parameters or layers than the {pt.role} "
-                        f"model's {list(space.names)[:4]}… (index: {list(described.get('names', []))[:4]}…, "
-                        f"dim {described.get('dim')}): capture it again from this model.")
-    return projection
+    if described.get("names") == list(space.names):
+        projection = Projection(pt, space, int(described.get("dim", 1)), int(described.get("seed", 0)),
+                                duals=index.duals, balanced=bool(described.get("balanced")),
+                                kind=str(described.get("kind", "random")))
+        if projection.describe() == described:
+            return projection
+    raise MSIFError(f"The gradient index was captured for other parameters or layers than the {pt.role} "
+                    f"model's {list(space.names)[:4]}… (index: {list(described.get('names', []))[:4]}…, "
+                    f"dim {described.get('dim')}): capture it again from this model.")
 
 
 def capture_gradient_index(model: nn.Module, data: Any, store: IndexStore, *, shared: Optional[str] = None,
@@ -392,8 +392,6 @@ def multistage_scores(
                 g = alpha * run.solve("finetune", run.curvature("finetune", ft, ft_space, shift=shift), grads)[:, :theta_dim]
             return torch.cat([g, g.new_zeros(g.shape[0], pt_space.dim - theta_dim)], 1)
 
-        if index is not None:
-            _index_projection(pt, pt_space, index)  # refused before any work
         scores = _solve_and_score(pt, pt_space, finetune_side, run, pretrain_gradients, index)
     run.record_engines()
     run.info["peak_memory_mb"] = peak_memory_mb(pt.device)
@@ -516,8 +514,6 @@ def compute_single_stage(
             raise MSIFError("The model has no trainable parameter (requires_grad=True): nothing to differentiate.")
         space = ParamSpace.of(train.params, names)
         run.info.update(mode="single", n_pretrain=len(train_src), n_query=len(query_src), dim=space.dim)
-        if index is not None:
-            _index_projection(train, space, index)  # refused before any work
         scores = _solve_and_score(train, space, lambda: _gradients(q, space, run), run, index=index)
     run.record_engines()
     run.info["peak_memory_mb"] = peak_memory_mb(train.device)
