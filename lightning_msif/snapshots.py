@@ -187,6 +187,12 @@ class IndexFiles:
     def put(self, key: str, tensor: torch.Tensor) -> None:
         save_tensors(self._path(key), {"rows": tensor})
 
+    def keys(self) -> List[str]:
+        return sorted(p.name[: -len(".safetensors")] for p in self.folder.glob("*.safetensors"))
+
+    def remove(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
 
 # -- the folder ---------------------------------------------------------------------------------------
 class SnapshotDir:
@@ -333,6 +339,14 @@ class SnapshotDir:
             save_yaml(self.index_dir / self.MANIFEST, {**spec, "complete": False})
         return IndexFiles(self.index_dir)
 
+    def index_pieces(self) -> IndexFiles:
+        """Rows caught during training, by block and rank, until they are assembled into the index."""
+        return IndexFiles(self.root / "pretrain" / "index-pieces")
+
+    def remove_index_pieces(self) -> None:
+        """Remove rows caught during training that were not assembled (e.g. left by an interrupted run)."""
+        shutil.rmtree(self.root / "pretrain" / "index-pieces", ignore_errors=True)
+
     def remove_index(self) -> None:
         """Remove the gradient index (e.g. one left by an earlier pretraining run, of other weights)."""
         shutil.rmtree(self.index_dir, ignore_errors=True)
@@ -341,12 +355,13 @@ class SnapshotDir:
         """The blocks of the gradient index (``open_index`` first)."""
         return IndexFiles(self.index_dir)
 
-    def finish_index(self, projection: Dict[str, Any], duals: Dict[str, torch.Tensor]) -> None:
-        """Mark the index complete (every block written), with the projection it was taken with and the matrices
-        that project vectors alike."""
+    def finish_index(self, projection: Dict[str, Any], duals: Dict[str, torch.Tensor],
+                     steps: Optional[Dict[str, Any]] = None) -> None:
+        """Mark the index complete (every block written), with the projection it was taken with, the matrices
+        that project vectors alike and, for rows caught in training steps, how many were (``steps``)."""
         save_tensors(self.index_dir / "projection.safetensors", duals)
         save_yaml(self.index_dir / self.MANIFEST, {**(self.index_spec() or {}), "projection": projection,
-                                                   "complete": True})
+                                                   "steps": steps, "complete": True})
 
     def _index_manifest(self) -> Optional[Dict[str, Any]]:
         path = self.index_dir / self.MANIFEST
@@ -358,7 +373,7 @@ class SnapshotDir:
         manifest = self._index_manifest()
         if manifest is None:
             return None
-        return {k: v for k, v in manifest.items() if k not in ("complete", "projection")}
+        return {k: v for k, v in manifest.items() if k not in ("complete", "projection", "steps")}
 
     def read_index(self, weights_sha: str, dataset: Any) -> Optional[GradientIndex]:
         """The complete gradient index taken on these pretraining weights and this data, or None when there is

@@ -248,7 +248,40 @@ def test_a_gradient_index_captured_at_the_end_of_pretraining_replaces_the_scorin
     assert not SnapshotDir(tmp_path).index_dir.exists()  # pretraining again without an index drops the stale one
 
 
+@pytest.mark.parametrize("limit, caught", [(1.0, 13), (2, 8)], ids=["whole-epoch", "two-batches"])
+def test_a_gradient_index_caught_during_the_last_epoch(tmp_path, limit, caught):
+    """Rows from the last epoch's shuffled training steps (lr = 0, so at the final weights; no dropout or
+    BatchNorm, so training mode is eval mode): at full dimension the scores are exact; the examples the epoch
+    skipped (``limit_train_batches``) are filled after training."""
+    dm, module = TinyDataModule(), TinyModule(lr=0.0)
+    pre_cb = PretrainingSnapshot(tmp_path, index_dim=8, index_dtype="float64", index_capture="last_epoch",
+                                 progress=False)
+    trainer(callbacks=[pre_cb], max_epochs=3, limit_train_batches=limit).fit(module, datamodule=dm)
+    manifest = OmegaConf.load(SnapshotDir(tmp_path).index_dir / "manifest.yaml")
+    assert manifest.complete and manifest.capture == "last_epoch"
+    assert (manifest.steps.caught, manifest.steps.filled) == (caught, 13 - caught)
+    assert manifest.steps.check_error <= 1e-10 and manifest.projection.balanced
+    assert not (Path(tmp_path) / "pretrain" / "index-pieces").exists()
+    cb, fine, ft_dm = _finetune(tmp_path, FIXED)
+    assert cb.info["scoring"] == "gradient_index"
+    ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
+    assert rel_err(cb.scores, ref) <= 1e-10
+
+
+def test_a_gradient_index_from_training_steps_follows_the_trained_weights(tmp_path):
+    """lr > 0: each row is at its step's weights, so the scores only approximate the final weights' ones."""
+    dm, module = TinyDataModule(n=40), TinyModule(lr=0.05)
+    pre_cb = PretrainingSnapshot(tmp_path, index_dim=8, index_dtype="float64", index_capture="last_epoch",
+                                 progress=False)
+    trainer(callbacks=[pre_cb], max_epochs=4).fit(module, datamodule=dm)
+    cb, fine, ft_dm = _finetune(tmp_path, FIXED)
+    ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
+    assert 1e-6 < rel_err(cb.scores, ref) < 0.3
+    assert torch.corrcoef(torch.stack([cb.scores.flatten(), ref.flatten()]))[0, 1] > 0.95
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(index_dim=0), "index_dim=0"),
+                                           (dict(index_capture="during"), "index_capture must be one of"),
                                            (dict(index_dtype="int8"), "index_dtype must be one of"),
                                            (dict(index_autocast="float64"), "index_autocast must be one of"),
                                            (dict(index_projection="pca"), "index_projection must be one of")])

@@ -24,6 +24,7 @@ from ..distributed import current_comm
 from ..errors import MSIFError
 from ..snapshots import SnapshotDir, fingerprint
 from .common import StageCallback, check_strategy, train_loader
+from .step_index import INDEX_CAPTURES, LastEpochIndex
 
 
 class PretrainingSnapshot(StageCallback):
@@ -38,7 +39,11 @@ class PretrainingSnapshot(StageCallback):
     gradient projected to ``index_dim`` per side onto its curvature's leading eigenvectors, or seeded random
     directions with ``index_projection="random"`` (seed ``index_seed``), kept in ``index_dtype``, ``index_block``
     examples per file, captured under ``torch.autocast`` in ``index_autocast`` when given), so scoring reads it
-    instead of the pretraining data; None (default): no index.
+    instead of the pretraining data; None (default): no index. ``index_capture``: ``"after_fit"`` (default), a
+    dedicated pass at the final weights in eval mode; ``"last_epoch"``, from the last epoch's own training steps
+    (about one backward's worth of extra products instead of a pass; each row at the weights of its step, in
+    training mode, balanced by K-FAC's empirical Fisher of the epoch before; examples the epoch missed are filled
+    by a pass over just those; docs/architecture.md).
     """
 
     STAGE = "pretrain"
@@ -49,7 +54,7 @@ class PretrainingSnapshot(StageCallback):
                  fit_curvature: bool = True, snapshot_every_n_epochs: Optional[int] = None,
                  store_gradients: bool = False, index_dim: Optional[int] = None, index_seed: int = 0,
                  index_projection: str = "eigen", index_dtype: str = "float32", index_block: int = DEFAULT_BLOCK,
-                 index_autocast: Optional[str] = None, progress: bool = True):
+                 index_autocast: Optional[str] = None, index_capture: str = "after_fit", progress: bool = True):
         self.arguments = InfluenceArguments(shared=shared, curvature=curvature, hessian_samples=hessian_samples,
                                             curvature_options=dict(curvature_options or {}), chunk_size=chunk_size,
                                             gradients=gradients)  # the same checks as the finetune stage's
@@ -73,8 +78,11 @@ class PretrainingSnapshot(StageCallback):
             raise MSIFError(f"index_autocast must be one of {list(AUTOCAST)} or None, got {index_autocast!r}.")
         if index_projection not in PROJECTIONS:
             raise MSIFError(f"index_projection must be one of {list(PROJECTIONS)}, got {index_projection!r}.")
+        if index_capture not in INDEX_CAPTURES:
+            raise MSIFError(f"index_capture must be one of {list(INDEX_CAPTURES)}, got {index_capture!r}.")
         self.index = {"dim": index_dim, "seed": int(index_seed), "dtype": index_dtype, "block": index_block,
-                      "projection": index_projection, "autocast": index_autocast}
+                      "projection": index_projection, "autocast": index_autocast, "capture": index_capture}
+        self.steps: Optional[LastEpochIndex] = None  # index_capture="last_epoch": the training steps' side
         self.fit_curvature = bool(fit_curvature)
         self.progress = progress
         self.manifest: Any = None  # the last manifest written (rank 0)
@@ -84,7 +92,37 @@ class PretrainingSnapshot(StageCallback):
         if stage == "fit":
             check_strategy(trainer)
 
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.index["dim"] is None or self.index["capture"] != "last_epoch":
+            return
+        if trainer.is_global_zero:  # rows left by an interrupted run belong to other steps
+            self.snapshots.remove_index_pieces()
+        trainer.strategy.barrier("msif_index_pieces_clear")
+        self.steps = LastEpochIndex(self.snapshots, self.index, self.shared, self.arguments,
+                                    module_loss(pl_module, self.loss_fn))
+        self.steps.check(pl_module)
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.steps is not None:
+            self.steps.on_train_epoch_start(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        if self.steps is not None:
+            self.steps.on_train_batch_start(trainer, batch, batch_idx)
+
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.steps is not None:
+            self.steps.on_after_backward(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.steps is not None:
+            self.steps.on_train_batch_end()
+
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.steps is not None:
+            self.steps.on_train_epoch_end(trainer)
         n = self.snapshot_every_n_epochs
         if n and (trainer.current_epoch + 1) % n == 0:
             self._snapshot(trainer, pl_module)
@@ -125,12 +163,21 @@ class PretrainingSnapshot(StageCallback):
                                        "weights_sha256": self._weights_sha(trainer),
                                        "fingerprint": fingerprint(dataset)})
         trainer.strategy.barrier("msif_index_open")
+        if self.steps is not None:
+            described, duals, counts = self.steps.finish(trainer, pl_module, self.progress and trainer.is_global_zero)
+            trainer.strategy.barrier("msif_index")
+            if trainer.is_global_zero:
+                self.snapshots.finish_index(described, duals, counts)
+                self.snapshots.remove_index_pieces()
+            trainer.strategy.barrier("msif_index_done")
+            return
+        settings = {k: v for k, v in self.index.items() if k != "capture"}
         index = capture_gradient_index(pl_module, loader, self.snapshots.index_store(), shared=self.shared,
                                        arguments=self.arguments,
                                        factors=self.snapshots.factors(self._weights_sha(trainer)),
                                        loss_fn=module_loss(pl_module, self.loss_fn),
                                        progress=self.progress and trainer.is_global_zero,
-                                       comm=current_comm(trainer.strategy.root_device), **self.index)
+                                       comm=current_comm(trainer.strategy.root_device), **settings)
         trainer.strategy.barrier("msif_index")
         if trainer.is_global_zero:
             self.snapshots.finish_index(index.projection, index.duals)

@@ -34,6 +34,12 @@ class IndexStore(Protocol):
     def put(self, key: str, tensor: torch.Tensor) -> None:
         """Save the rows of block ``key`` (atomically)."""
 
+    def keys(self) -> List[str]:
+        """Every key held."""
+
+    def remove(self, key: str) -> None:
+        """Drop ``key`` (no error when absent)."""
+
 
 class MemoryIndexStore(dict):
     """An ``IndexStore`` in memory (tests, and indexes small enough to keep)."""
@@ -46,6 +52,12 @@ class MemoryIndexStore(dict):
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         self[key] = tensor
+
+    def keys(self) -> List[str]:  # type: ignore[override]
+        return list(super().keys())
+
+    def remove(self, key: str) -> None:
+        self.pop(key, None)
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ from .index import AUTOCAST, INDEX_DTYPES, GradientIndex, IndexStore, capture_in
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
 from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_shared
 from .projection import Projection
-from .scoring import DEFAULT_BLOCK, ScoreStore, agreed, cached, fastest_method, score_pass
+from .scoring import DEFAULT_BLOCK, SCORING_BATCH_FACTOR, ScoreStore, agreed, cached, fastest_method, score_pass
 from .solvers import SOLVERS, solve
+from .training_index import StepIndex, assemble
 
 
 @dataclass
@@ -294,6 +295,45 @@ def capture_gradient_index(model: nn.Module, data: Any, store: IndexStore, *, sh
         if bar is not None:
             bar.close()
     return GradientIndex(store, len(obj.source), projector.describe(), projector.duals, block)
+
+
+def step_index(model: nn.Module, data: Any, pieces: IndexStore, *, shared: Optional[str] = None, dim: int = 16,
+               seed: int = 0, dtype: str = "float32", projection: str = "eigen",
+               arguments: Optional[ScoreArguments] = None, loss_fn: Optional[LossFn] = None,
+               comm: Optional[Communicator] = None) -> StepIndex:
+    """A gradient index to be caught from ``model``'s own training steps on ``data`` (``core/training_index.py``:
+    what that gives up against ``capture_gradient_index``'s dedicated pass); rows wait in ``pieces`` until
+    ``finish_step_index``. Its projection is balanced by K-FAC (empirical Fisher, ``arguments``' damping) from the
+    training steps given to ``add_moments`` first."""
+    run = _Run(arguments or ScoreArguments(), False, comm or LocalComm())
+    with evaluation(model):  # the layer map's probe forward must not move BatchNorm's running statistics
+        obj = run.objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "pretrain_data"), "pretraining")
+        space = ParamSpace.of(obj.params, _trainable(model, shared))
+        return StepIndex(obj, space, pieces, dim=dim, seed=seed, kind=projection, damping=run.args.damping,
+                         dtype=dtype)
+
+
+def finish_step_index(step: StepIndex, store: IndexStore, *, block: int = DEFAULT_BLOCK,
+                      progress: bool = False) -> Tuple[GradientIndex, Dict[str, int]]:
+    """Assemble the rows a ``StepIndex`` caught (every rank's pieces) into the index's blocks in ``store``; the
+    examples the training steps did not give (or gave a non-finite row for) are captured now, at the model's
+    current weights in eval mode. Returns the index and how many rows were ``caught`` and ``filled``."""
+    if step.projection is None:
+        step.build()
+    obj, projection = step.obj, step.projection
+    n = len(obj.source)
+    size = max(1, SCORING_BATCH_FACTOR * obj.source.batch_size)
+
+    def fill(indices: Sequence[int]) -> torch.Tensor:
+        return torch.cat([projection.examples(batch, idx)
+                          for batch, idx in obj.batches(indices, shard=False, batch_size=size)])
+
+    bar = _Run(ScoreArguments(), progress, obj.comm).bar(n, "gradient index")
+    with evaluation(obj.bound.model):
+        counts = assemble(step.pieces, store, obj, projection, n, block, step.dtype, obj.comm, fill, bar)
+    if bar is not None:
+        bar.close()
+    return GradientIndex(store, n, projection.describe(), projection.duals, block), counts
 
 
 def _trainable(model: nn.Module, shared: Optional[str]) -> List[str]:

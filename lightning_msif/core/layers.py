@@ -186,15 +186,19 @@ class Capture:
 
         return forward
 
+    def check(self) -> None:
+        """An error when an input kept by a hook was changed in place after the layer used it."""
+        if any(call.inputs._version != call.version for calls in self.calls.values() for call in calls):
+            raise RuntimeError("The model modified a covered layer's input in place after the layer used it: its "
+                               "per-example gradients cannot be formed from hooks.")
+
     def backward(self, total: torch.Tensor) -> None:
         """The gradient of ``total`` at every captured layer output, and nothing else: the backward pass stops
         there, so no layer's weight-gradient product runs (a plain ``backward`` would form them all)."""
         calls = [call for calls in self.calls.values() for call in calls]
         if not calls or not total.requires_grad:
             return
-        if any(call.inputs._version != call.version for call in calls):
-            raise RuntimeError("The model modified a covered layer's input in place after the layer used it: its "
-                               "per-example gradients cannot be formed from hooks.")
+        self.check()
         grads = torch.autograd.grad(total, [call.edge for call in calls], allow_unused=True)
         for call, grad in zip(calls, grads):
             call.grad = grad
@@ -208,8 +212,43 @@ def _normalised(layer: Layer, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(dims, keepdim=True)
         var = x.var(dims, keepdim=True, unbiased=False)
         return (x - mean) / torch.sqrt(var + m.eps)
-    shape = (1, -1) + (1,) * (x.dim() - 2)  # batchnorm (eval): the running statistics
-    return (x - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if m.training:  # batchnorm in a training step (``StepCapture``): the batch's statistics, as its forward used
+        dims = (0,) + tuple(range(2, x.dim()))
+        return (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, keepdim=True, unbiased=False) + m.eps)
+    return (x - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)  # eval: running ones
+
+
+class StepCapture(Capture):
+    """A ``Capture`` for someone else's backward pass (a training step's): a pre-hook on the node behind each
+    covered output keeps the gradient arriving there as that backward runs, so nothing is computed twice."""
+
+    def _hook(self, layer: Layer) -> Callable:
+        keep = super()._hook(layer)
+
+        def forward(module: nn.Module, inputs: Tuple[Any, ...], output: Any) -> Any:
+            before = len(self.calls.get(layer.path, []))
+            result = keep(module, inputs, output)
+            calls = self.calls.get(layer.path, [])
+            if len(calls) > before:
+                call = calls[-1]
+                node, nr = call.edge.node, call.edge.output_nr
+
+                def arrived(grads: Tuple[Optional[torch.Tensor], ...]) -> None:
+                    call.grad = grads[nr]
+                node.register_prehook(arrived)
+            return result
+
+        return forward
+
+
+def covered_grads(capture: Capture, wanted: set) -> Dict[str, torch.Tensor]:
+    """``{name: [B, *shape]}`` of the ``wanted`` parameters that the capture's layers cover."""
+    out: Dict[str, torch.Tensor] = {}
+    for layer, calls in iterate_calls(capture):
+        if set(layer.names) & wanted:
+            out.update({n: g for n, g in example_grads(layer, calls).items() if n in wanted})
+    return out
 
 
 def patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

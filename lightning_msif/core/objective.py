@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 from ..errors import MSIFError
 from .comm import Communicator, LocalComm, shard_range
 from .data import ExampleSource, batch_size_of, slice_batch, to_device
-from .layers import Capture, LayerMap, example_grads, iterate_calls, leftover_grads
+from .layers import Capture, LayerMap, covered_grads, leftover_grads
 from .params import Params, ParamSpace, detached_params
 from .task import ClassificationTask, Task
 
@@ -245,10 +245,7 @@ class Objective:
         loss_of = loss_of or (lambda p, b, _: self.losses(p, b))
         capture, leaves = self.hooked_backward(space, batch, lambda p, b: loss_of(p, b, idx))
         wanted = set(space.names if wanted is None else wanted)
-        out: Params = {}
-        for layer, calls in iterate_calls(capture):
-            if set(layer.names) & wanted:
-                out.update({n: g for n, g in example_grads(layer, calls).items() if n in wanted})
+        out: Params = covered_grads(capture, wanted)
         b = batch_size_of(batch)
         left = [n for n in capture.layers.leftover if n in wanted]
         if left:

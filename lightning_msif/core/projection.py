@@ -27,9 +27,9 @@ import torch
 from ..errors import MSIFError
 from .data import batch_size_of
 from .kronecker import Block, embedding_rows, sandwiched_grads
-from .layers import KRONECKER_KINDS, Call
+from .layers import KRONECKER_KINDS, Call, Capture
 from .objective import Objective
-from .params import ParamSpace
+from .params import Params, ParamSpace
 
 KINDS = ("eigen", "random")
 Balance = Dict[str, Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor], torch.Tensor]]
@@ -166,6 +166,11 @@ class Projection:
     def examples(self, batch: Any, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[B, out_dim]``: each example's loss gradient, projected, from one hooked backward pass."""
         capture, grads = self.obj.hooked_grads(self.space, batch, self.others, idx=idx)
+        return self.project(capture, grads, batch_size_of(batch))
+
+    def project(self, capture: Capture, grads: Params, batch_size: int) -> torch.Tensor:
+        """``[B, out_dim]`` from a backward pass's hooks (``capture``) and the per-example gradients of the
+        parameters outside the Kronecker layers (``grads``, keyed by ``others``)."""
         out = []
         for b in self.parts:
             calls = capture.calls.get(b.layer.path, []) if b.layer is not None else []
@@ -176,7 +181,7 @@ class Projection:
             else:
                 m = b.matrix(grads) @ b.q_a
             if m is None:  # this batch never reached the layer
-                m = b.q_a.new_zeros(batch_size_of(batch), _size(b))
+                m = b.q_a.new_zeros(batch_size, _size(b))
             out.append(m.reshape(m.shape[0], -1))
         return torch.cat(out, 1)
 

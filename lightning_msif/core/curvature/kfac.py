@@ -74,7 +74,7 @@ class KFACOptions:
                             f"{self.basis_examples!r}.")
 
 
-class _Fit:
+class KFACFit:
     """The blocks of one curvature fit, and the passes over the data that fill them."""
 
     def __init__(self, objective: Objective, space: ParamSpace, options: KFACOptions):
@@ -141,26 +141,28 @@ def basis_subset(indices: Sequence[int], count: Optional[int]) -> Sequence[int]:
     return [indices[(i * len(indices)) // count] for i in range(count)]
 
 
-def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], options: KFACOptions,
-               correct: bool) -> List[Block]:
-    """The blocks of ``space``: factors and eigenbases from one pass (EK-FAC: over ``basis_examples`` of the
-    examples), EK-FAC's eigenvalues and the diagonal blocks from a second pass over all of them."""
-    fit = _Fit(objective, space, options)
-    dt = fit.dtype
-    sums: Dict[int, Dict[str, torch.Tensor]] = {i: {} for i in range(len(fit.blocks))}
+class Moments:
+    """K-FAC's sums over examples for the blocks of one fit, added one backward pass's hooks at a time (a pass of
+    ours, or a training step's), then turned into eigenbases and eigenvalues."""
 
-    def add(i: int, key: str, value: torch.Tensor) -> None:
-        value = value.to(dt)
-        sums[i][key] = value if key not in sums[i] else sums[i][key] + value
+    def __init__(self, fit: KFACFit):
+        self.fit = fit
+        self.sums: Dict[int, Dict[str, torch.Tensor]] = {i: {} for i in range(len(fit.blocks))}
+        self.count = 0
 
-    count = 0
-    for batch, idx in objective.batches(basis_subset(indices, options.basis_examples) if correct else indices):
-        capture, diag = fit.backward(batch, idx) if correct else fit.grads(batch, idx)
-        count += len(idx)
-        for i, block in enumerate(fit.blocks):
+    def _add(self, i: int, key: str, value: torch.Tensor) -> None:
+        value = value.to(self.fit.dtype)
+        self.sums[i][key] = value if key not in self.sums[i] else self.sums[i][key] + value
+
+    def add(self, capture: Any, diag: Optional[Params], count: int) -> None:
+        """One backward pass of ``count`` examples: its hooks, and the diagonal block's per-example gradients
+        (``None``: that block's values come from elsewhere, EK-FAC's correction pass)."""
+        self.count += count
+        dt = self.fit.dtype
+        for i, block in enumerate(self.fit.blocks):
             if block.kind == "diagonal":
-                if not correct:
-                    add(i, "eig", _squares(block, diag))
+                if diag is not None:
+                    self._add(i, "eig", _squares(block, diag))
                 continue
             for call in capture.calls.get(block.layer.path, []):
                 if call.grad is None:
@@ -168,49 +170,67 @@ def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], 
                 if block.kind == "kronecker":
                     g = token_grads(block.layer, call)
                     g = g.reshape(-1, g.shape[-1])
-                    add(i, "A", _input_moment(block.layer, call, dt))
-                    add(i, "S", g.T @ g)  # products in the data's precision, sums in covariance_dtype
-                    add(i, "positions", torch.tensor(float(g.shape[0])))
+                    self._add(i, "A", _input_moment(block.layer, call, dt))
+                    self._add(i, "S", g.T @ g)  # products in the data's precision, sums in covariance_dtype
+                    self._add(i, "positions", torch.tensor(float(g.shape[0])))
                 else:  # embedding: one-hot inputs, so Ā is the token counts
                     ids, g = call.inputs.reshape(-1), call.grad.reshape(-1, call.grad.shape[-1]).to(dt)
                     keep = ids != block.layer.module.padding_idx if block.layer.module.padding_idx is not None \
                         else torch.ones_like(ids, dtype=torch.bool)
-                    add(i, "A", torch.bincount(ids[keep], minlength=block.layer.module.num_embeddings).to(dt))
-                    add(i, "S", g[keep].T @ g[keep])
-                    add(i, "positions", torch.tensor(float(ids.shape[0])))
-    n = _examples(fit, count)
-    for i, block in enumerate(fit.blocks):
-        s = {k: fit.reduce(v) for k, v in sums[i].items()}
-        if block.kind == "diagonal":
-            block.eig = (s["eig"] / n).to(objective.dtype) if "eig" in s else None
-            continue
-        if "S" not in s and correct:  # not reached by the basis examples: EK-FAC's eigenvalues in the plain basis
-            _plain_basis(block, space, objective)
-            continue
-        if "S" not in s:  # the data never reached this layer: its gradients are zero
-            block.kind, block.names = "diagonal", tuple(block.names)
-            block.eig = torch.zeros(sum(space.shapes[space.names.index(nm)].numel() for nm in block.names),
-                                    dtype=objective.dtype, device=objective.device)
-            continue
-        positions = float(s["positions"])
-        s_bar = (s["S"] / n).double()
-        d_s, block.q_s = torch.linalg.eigh((s_bar + s_bar.T) / 2)
-        if block.kind == "kronecker":
-            a_bar = (s["A"] / positions).double()
-            d_a, block.q_a = torch.linalg.eigh((a_bar + a_bar.T) / 2)
-        else:
-            d_a = (s["A"] / positions).double()
-        block.eig = (d_s.clamp_min(0)[:, None] * d_a.clamp_min(0)[None, :]) if block.kind == "kronecker" else \
-            (d_a.clamp_min(0)[:, None] * d_s.clamp_min(0)[None, :])
-        # row-major (eigh's are column-major): the products then match those of factors read back from a snapshot
-        block.q_s = block.q_s.to(objective.dtype).contiguous()
-        if block.q_a is not None:
-            block.q_a = block.q_a.to(objective.dtype).contiguous()
+                    self._add(i, "A", torch.bincount(ids[keep], minlength=block.layer.module.num_embeddings).to(dt))
+                    self._add(i, "S", g[keep].T @ g[keep])
+                    self._add(i, "positions", torch.tensor(float(ids.shape[0])))
+
+    def blocks(self, correct: bool) -> List[Block]:
+        """The fit's blocks from the sums over every rank: eigenbases, and K-FAC's eigenvalues (products of the
+        factors'); with ``correct``, a layer no example reached keeps the identity basis for EK-FAC to fill."""
+        fit, objective, space = self.fit, self.fit.obj, self.fit.space
+        n = _examples(fit, self.count)
+        for i, block in enumerate(fit.blocks):
+            s = {k: fit.reduce(v) for k, v in self.sums[i].items()}
+            if block.kind == "diagonal":
+                block.eig = (s["eig"] / n).to(objective.dtype) if "eig" in s else None
+                continue
+            if "S" not in s and correct:  # not reached by the basis examples: EK-FAC's eigenvalues in the plain basis
+                _plain_basis(block, space, objective)
+                continue
+            if "S" not in s:  # the data never reached this layer: its gradients are zero
+                block.kind, block.names = "diagonal", tuple(block.names)
+                block.eig = torch.zeros(sum(space.shapes[space.names.index(nm)].numel() for nm in block.names),
+                                        dtype=objective.dtype, device=objective.device)
+                continue
+            positions = float(s["positions"])
+            s_bar = (s["S"] / n).double()
+            d_s, block.q_s = torch.linalg.eigh((s_bar + s_bar.T) / 2)
+            if block.kind == "kronecker":
+                a_bar = (s["A"] / positions).double()
+                d_a, block.q_a = torch.linalg.eigh((a_bar + a_bar.T) / 2)
+            else:
+                d_a = (s["A"] / positions).double()
+            block.eig = (d_s.clamp_min(0)[:, None] * d_a.clamp_min(0)[None, :]) if block.kind == "kronecker" else \
+                (d_a.clamp_min(0)[:, None] * d_s.clamp_min(0)[None, :])
+            # row-major (eigh's are column-major): the products then match those of factors read back from a snapshot
+            block.q_s = block.q_s.to(objective.dtype).contiguous()
+            if block.q_a is not None:
+                block.q_a = block.q_a.to(objective.dtype).contiguous()
+        return fit.blocks
+
+
+def fit_blocks(objective: Objective, space: ParamSpace, indices: Sequence[int], options: KFACOptions,
+               correct: bool) -> List[Block]:
+    """The blocks of ``space``: factors and eigenbases from one pass (EK-FAC: over ``basis_examples`` of the
+    examples), EK-FAC's eigenvalues and the diagonal blocks from a second pass over all of them."""
+    fit = KFACFit(objective, space, options)
+    moments = Moments(fit)
+    for batch, idx in objective.batches(basis_subset(indices, options.basis_examples) if correct else indices):
+        capture, diag = fit.backward(batch, idx) if correct else fit.grads(batch, idx)
+        moments.add(capture, None if correct else diag, len(idx))
+    blocks = moments.blocks(correct)
     if correct:
         _correct(fit, objective, indices)
-    for block in fit.blocks:
+    for block in blocks:
         block.eig = block.eig.to(objective.dtype)
-    return fit.blocks
+    return blocks
 
 
 def _plain_basis(block: Block, space: ParamSpace, objective: Objective) -> None:
@@ -227,7 +247,7 @@ def _squares(block: Block, diag: Params) -> torch.Tensor:
     return torch.cat([diag[n].flatten(1) for n in block.names], 1).pow(2).sum(0)
 
 
-def _examples(fit: _Fit, count: int) -> float:
+def _examples(fit: KFACFit, count: int) -> float:
     """The number of examples over every rank; an error when there are none."""
     n = float(fit.reduce(torch.tensor([float(count)], dtype=torch.float64)).item())
     if n == 0:
@@ -235,7 +255,7 @@ def _examples(fit: _Fit, count: int) -> float:
     return n
 
 
-def _correct(fit: _Fit, objective: Objective, indices: Sequence[int]) -> None:
+def _correct(fit: KFACFit, objective: Objective, indices: Sequence[int]) -> None:
     """EK-FAC: ``Λ = E[(Q_Sᵀ G Q_A)²]`` over all the examples, in the eigenbasis of the first pass; the diagonal
     blocks' ``E[g²]`` in the same pass."""
     dt = fit.dtype

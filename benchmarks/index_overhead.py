@@ -1,0 +1,131 @@
+"""What a gradient index costs the pretraining ``fit``: caught during the last epoch's training steps
+(``index_capture="last_epoch"``) against a dedicated pass after training (``"after_fit"``, the default).
+
+The ResNet-9-shaped CNN of ``multistage_real.py`` (conv-BN-ReLU, residual blocks; BatchNorm in training mode
+during the steps) on CIFAR-shaped random images with a learnable class signal, pretrained with Adam for two
+epochs by a Lightning ``Trainer``, the same seed for every run (so the same weights). Printed, in epochs of the
+plain run's own training epoch:
+
+- the overhead on each training epoch (the epoch before the last feeds the K-FAC moments of its final
+  ``basis_examples`` examples, the last epoch gives the rows);
+- the work after ``fit`` (assembling the rows; the dedicated pass and its EK-FAC fit for ``after_fit``);
+- agreement (Pearson, Spearman) of each index's single-stage scores for 32 held-out queries with the exact
+  scores at the final weights (no index), and of the two indexes with each other.
+
+    python benchmarks/index_overhead.py            # n = 10,000
+    python benchmarks/index_overhead.py --quick    # n = 1,000: a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from typing import Any, Dict, List
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from multistage_real import ResNet9, images
+from torch.utils.data import DataLoader, Subset
+from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+
+from lightning_msif import PretrainingSnapshot, SnapshotDir, compute_single_stage
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.model = ResNet9(classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def per_example_loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y, reduction="none")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.per_example_loss(batch).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class Clock(L.Callback):
+    """Seconds of each training epoch and of ``on_train_end`` (the callbacks after it run their work there)."""
+
+    def __init__(self) -> None:
+        self.epochs: List[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epochs.append(time.perf_counter() - self.start)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.end = time.perf_counter()
+
+
+def fit(data: Any, batch_size: int, folder: str, capture: str, dim: int) -> Dict[str, Any]:
+    L.seed_everything(0, verbose=False)
+    module, clock = Classifier(), Clock()
+    callbacks: List[L.Callback] = [clock]
+    if capture != "none":
+        callbacks.append(PretrainingSnapshot(folder, shared="model", index_dim=dim, index_capture=capture,
+                                             fit_curvature=capture == "after_fit", progress=False))
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(module, DataLoader(data, batch_size=batch_size, shuffle=True))
+    return {"module": module, "epochs": clock.epochs, "after": time.perf_counter() - clock.end}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=100)
+    args = parser.parse_args()
+    n = 1_000 if args.quick else args.n
+    data = images(n + 32, 10, seed=0)
+    train, queries = Subset(data, range(n)), Subset(data, range(n, n + 32))
+    print(f"# CNN (ResNet-9 shape), n = {n}, batch {args.batch_size}, index dim {args.dim}; {platform.processor()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for capture in ("none", "last_epoch", "after_fit"):
+            runs[capture] = fit(train, args.batch_size, f"{tmp}/{capture}", capture, args.dim)
+            if capture != "none":
+                runs[capture]["index"] = SnapshotDir(f"{tmp}/{capture}").read_index(
+                    str(SnapshotDir(f"{tmp}/{capture}").manifest("pretrain").weights.sha256), None)
+        plain = runs["none"]["epochs"][-1]
+        print("\n| capture | epoch 1 overhead | epoch 2 overhead | after fit | total |")
+        print("|---|---|---|---|---|")
+        for capture in ("last_epoch", "after_fit"):
+            r = runs[capture]
+            extra = [(a - b) / plain for a, b in zip(r["epochs"], runs["none"]["epochs"])]
+            after = r["after"] / plain
+            print(f"| {capture} | {extra[0]:+.3f} | {extra[1]:+.3f} | {after:.3f} | {sum(extra) + after:.3f} |")
+        loader = DataLoader(train, batch_size=args.batch_size)
+        query = DataLoader(queries, batch_size=32)
+        final = runs["none"]["module"]
+        drift = max(float((a.double() - b.double()).abs().max()) for a, b in zip(
+            final.state_dict().values(), runs["last_epoch"]["module"].state_dict().values()))
+        print(f"\nlargest difference between the runs' final weights and buffers: {drift:.2e}")
+        exact = compute_single_stage(final, loader, query, damping=1e-3).scores
+        scores = {c: compute_single_stage(final, loader, query, damping=1e-3, index=runs[c]["index"]).scores
+                  for c in ("last_epoch", "after_fit")}
+    print(f"\nplain epoch {plain:.1f} s")
+    print("\n| scores | Pearson vs exact | Spearman vs exact |")
+    print("|---|---|---|")
+    for c, s in scores.items():
+        print(f"| {c} | {float(pearson_corrcoef(s.flatten(), exact.flatten())):.3f} | "
+              f"{float(spearman_corrcoef(s.flatten(), exact.flatten())):.3f} |")
+    a, b = scores["last_epoch"].flatten(), scores["after_fit"].flatten()
+    print(f"\nlast_epoch vs after_fit: Pearson {float(pearson_corrcoef(a, b)):.3f}")
+
+
+if __name__ == "__main__":
+    main()

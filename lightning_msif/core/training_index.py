@@ -1,0 +1,168 @@
+"""A gradient index caught from a model's own training steps, instead of a dedicated pass after training.
+
+The forward/backward pass of each training step already holds what the index needs: each covered layer's
+inputs and the gradients arriving at its outputs. ``StepCapture`` keeps them as the step's own backward runs;
+``StepIndex`` then projects them (``Projection.project``) and keeps the rows by dataset index. What it gives up
+against the dedicated pass, each row being the gradient *of the step that trained on it*:
+
+- the weights: a row is taken at the weights of its step, not the final ones (the last epoch's drift);
+- the mode: training mode, so dropout's mask of that step, and BatchNorm normalising by the batch's
+  statistics (an example's row then also carries its batch-mates' share through those statistics);
+- the curvature that balances the projection: fitted before the rows are taken, so it is K-FAC's *empirical*
+  Fisher from the hooks of earlier training steps (``basis_examples`` examples), not the final EK-FAC;
+- coverage: parameters no hook covers (leftovers) cannot be had from a training step, so such a model is
+  refused; examples the epoch does not reach (``drop_last``, ``limit_train_batches``, a run stopped early) and
+  rows that are not finite (a mixed-precision step the loss scaler skips) are filled by a dedicated pass over
+  just those examples, at the final weights.
+
+The step's loss must be the mean of its examples' losses (Lightning's and Hugging Face's convention), scaled
+by the trainer (gradient accumulation, a loss scaler): the caller passes that scale, and the first captured
+step is checked against the per-example gradients of the same batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import MSIFError
+from .comm import Communicator
+from .curvature.kfac import KFACCurvature, KFACOptions, Moments, KFACFit
+from .index import INDEX_DTYPES, IndexStore, blocks, block_key
+from .layers import StepCapture, covered_grads
+from .objective import Objective
+from .params import ParamSpace
+from .projection import Projection
+
+SPILL_BYTES = 256 << 20
+"""Rows kept in memory before they are written out as pieces of their blocks (bounded memory)."""
+CHECK_TOLERANCE = 0.5
+"""The first step's rows may differ from the batch's per-example gradients by this much (relative) before the
+step's loss is taken not to be a mean of per-example losses (dropout alone moves them far less)."""
+
+
+class StepIndex:
+    """The rows of a gradient index, from training steps: first K-FAC moments for the balancing curvature
+    (``add_moments``), then the projection (``build``), then rows (``add_rows``) kept as pieces in ``pieces`` and
+    assembled into the index's blocks at the end (``assemble``)."""
+
+    def __init__(self, obj: Objective, space: ParamSpace, pieces: IndexStore, *, dim: int, seed: int = 0,
+                 kind: str = "eigen", damping: float = 0.0, dtype: str = "float32"):
+        self.obj, self.space, self.pieces = obj, space, pieces
+        self.dim, self.seed, self.kind, self.damping, self.dtype = dim, seed, kind, damping, INDEX_DTYPES[dtype]
+        self.lmap = obj.layer_map(space)
+        if self.lmap.leftover:
+            raise MSIFError(
+                f"The gradient index cannot be caught from training steps for parameters no layer hook covers: "
+                f"{self.lmap.leftover[:5]}. Capture it after training instead (index_capture='after_fit'), which "
+                "forms their per-example gradients one example at a time.")
+        self.options = KFACOptions(fisher="empirical")
+        self.fit = KFACFit(obj, space, self.options)
+        self.moments = Moments(self.fit)
+        self.projection: Optional[Projection] = None
+        self.pending: Dict[Tuple[int, int], List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.held = self.written = 0
+        self.check_error: Optional[float] = None
+
+    def watch(self, batch_size: int) -> StepCapture:
+        """Hooks for one training step (enter it around the step's forward and backward)."""
+        return StepCapture(self.lmap, batch_size)
+
+    def _prepare(self, capture: StepCapture, scale: float) -> None:
+        """Undo the step's loss scaling (mean over the batch, accumulation, loss scaler) and autocast's precision."""
+        capture.check()
+        for calls in capture.calls.values():
+            for call in calls:
+                if call.inputs.is_floating_point():
+                    call.inputs = call.inputs.to(self.obj.dtype)
+                if call.grad is not None:
+                    call.grad = call.grad.to(self.obj.dtype) * scale
+
+    def add_moments(self, capture: StepCapture, scale: float, count: int) -> None:
+        """One training step's hooks into the K-FAC moments that will balance the projection."""
+        self._prepare(capture, scale)
+        self.moments.add(capture, covered_grads(capture, set(self.fit.diagonal)), count)
+
+    def build(self) -> Projection:
+        """The projection, balanced by K-FAC's empirical Fisher from the moments added so far (every rank at once:
+        the moments are summed over ranks)."""
+        curvature = KFACCurvature(self.obj, self.space, (), self.damping, None, self.options,
+                                  tuple(self.moments.blocks(correct=False)))
+        self.projection = Projection(self.obj, self.space, self.dim, self.seed, balance=curvature.balance(),
+                                     kind=self.kind)
+        return self.projection
+
+    def rows(self, capture: StepCapture, scale: float) -> torch.Tensor:
+        """``[B, out_dim]``: the step's examples' projected gradients."""
+        self._prepare(capture, scale)
+        assert self.projection is not None, "build() the projection first"
+        return self.projection.project(capture, covered_grads(capture, set(self.projection.others)),
+                                       capture.batch_size)
+
+    def check(self, rows: torch.Tensor, reference: torch.Tensor) -> None:
+        """Compare the first step's rows with the batch's own per-example gradients (projected): an error when
+        the step's loss was not the mean of its examples' losses; the relative difference is kept."""
+        error = float((rows - reference).norm() / reference.norm().clamp_min(torch.finfo(reference.dtype).tiny))
+        self.check_error = error
+        if not error <= CHECK_TOLERANCE:
+            raise MSIFError(
+                f"The gradients of a training step differ from its examples' own loss gradients by {error:.0%}: the "
+                "step's loss is not the mean of the per-example losses the influence computation uses (a sum, a "
+                "weighted or regularised loss through the outputs, or another loss than the module's "
+                "per_example_loss). Capture the index after training instead (index_capture='after_fit').")
+
+    def add_rows(self, rows: torch.Tensor, idx: torch.Tensor, n: int, block: int) -> None:
+        """Keep ``rows`` of dataset indices ``idx`` for their blocks (written out as pieces past ``SPILL_BYTES``)."""
+        rows, idx = rows.detach().to(self.dtype), idx.to(rows.device, torch.long)
+        if bool(((idx < 0) | (idx >= n)).any()):
+            raise MSIFError(f"A training batch holds dataset indices outside 0..{n - 1}: the sampler does not draw "
+                            "from the dataset being indexed. Capture the index after training instead.")
+        for start, stop in blocks(n, block)[int(idx.min()) // block: int(idx.max()) // block + 1]:
+            mine = (idx >= start) & (idx < stop)
+            if bool(mine.any()):
+                self.pending.setdefault((start, stop), []).append((idx[mine], rows[mine]))
+        self.held += rows.numel() * rows.element_size()
+        if self.held > SPILL_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows held in memory as pieces of their blocks (``piece.<start>-<stop>.<rank>.<k>``)."""
+        for (start, stop), parts in self.pending.items():
+            key = f"piece.{start}-{stop}.{self.obj.comm.rank}.{self.written}"
+            self.pieces.put(f"{key}.rows", torch.cat([p[1] for p in parts]).cpu())
+            self.pieces.put(f"{key}.idx", torch.cat([p[0] for p in parts]).cpu())  # last: marks the piece whole
+        self.pending, self.held, self.written = {}, 0, self.written + 1
+
+
+def assemble(pieces: IndexStore, store: IndexStore, obj: Objective, projection: Projection, n: int, block: int,
+             dtype: torch.dtype, comm: Communicator, fill: Callable[[Sequence[int]], torch.Tensor],
+             progress: Optional[Any] = None) -> Dict[str, int]:
+    """Write this rank's blocks of the index from every rank's pieces; the examples no piece holds (or holds a
+    row of that is not finite) get ``fill(indices)``, their rows from a dedicated pass. A block already in
+    ``store`` is kept. Returns how many rows, over all ranks, came from training steps and how many were filled."""
+    caught = filled = 0
+    width = projection.out_dim
+    keys = pieces.keys()
+    for start, stop in blocks(n, block)[comm.rank::comm.world_size]:
+        key = block_key(start, stop)
+        mine = [k[: -len(".idx")] for k in keys if k.startswith(f"piece.{start}-{stop}.") and k.endswith(".idx")]
+        if not store.has(key):
+            rows = torch.zeros(stop - start, width, dtype=dtype)
+            seen = torch.zeros(stop - start, dtype=torch.bool)
+            for piece in mine:
+                idx, part = pieces.get(f"{piece}.idx") - start, pieces.get(f"{piece}.rows")
+                ok = torch.isfinite(part).all(1)
+                rows[idx[ok]], seen[idx[ok]] = part[ok].to(rows.dtype), True
+            missing = (~seen).nonzero().flatten() + start
+            if len(missing):
+                rows[missing - start] = fill(missing.tolist()).cpu().to(rows.dtype)
+            obj.assert_finite(rows, "projected gradients", torch.arange(start, stop))
+            store.put(key, rows)
+            caught, filled = caught + int(seen.sum()), filled + len(missing)
+        for piece in mine:
+            pieces.remove(f"{piece}.idx")
+            pieces.remove(f"{piece}.rows")
+        if progress is not None:
+            progress.update(stop - start)
+    counts = comm.all_reduce_sum(torch.tensor([float(caught), float(filled)], dtype=torch.float64))
+    return {"caught": int(counts[0]), "filled": int(counts[1])}
