@@ -170,7 +170,8 @@ def test_the_cli_takes_the_opt_ins(copy, tmp_path):
     assert report.returncode == 0 and "examples not shown" not in report.stderr, report.stderr
 
 
-@pytest.mark.parametrize("field, value", [("class_path", "lightning_fixtures.TinyDataModule"), ("hparams", {"lr": 9.0})])
+@pytest.mark.parametrize("field, value", [("class_path", "lightning_fixtures.TinyDataModule"),
+                                          ("hparams", {"lr": 9.0})])
 def test_an_edited_record_needs_the_opt_in(copy, field, value):
     record = OmegaConf.to_container(OmegaConf.load(copy / "pretrain" / "manifest.yaml").module)
     _edit(copy, "pretrain", "module", {**record, field: value})
