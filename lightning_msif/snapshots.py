@@ -63,8 +63,9 @@ def rebuild(record: Mapping[str, Any], kind: str, what: str, trust: Trust, hint:
 
 # -- YAML files of a snapshot ------------------------------------------------------------------------
 def read_yaml(path: PathLike) -> DictConfig:
-    """A snapshot's YAML file as plain values: a safe loader (``!!python`` tags refused) and no ``${...}``
-    interpolation (resolving one could call a resolver the application registered, e.g. an ``eval``)."""
+    """A snapshot's YAML file as plain values: a safe loader (``!!python`` tags refused but OmegaConf's
+    ``pathlib`` paths) and no ``${...}`` interpolation (resolving one could call a resolver the application
+    registered, e.g. an ``eval``)."""
     try:
         cfg = OmegaConf.load(path)
     except yaml.YAMLError as err:

@@ -83,7 +83,7 @@ def _create_key(path: Path) -> None:
 
 def _digest(key: bytes, record: Mapping[str, Any]) -> str:
     payload = json.dumps({"class_path": record["class_path"], "hparams": record["hparams"]}, sort_keys=True,
-                         separators=(",", ":"))
+                         separators=(",", ":"), default=repr)  # repr: values YAML holds beyond JSON (paths)
     return hmac.new(key, b"lightning-msif record\n" + payload.encode("utf-8"), hashlib.sha256).hexdigest()
 
 

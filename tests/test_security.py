@@ -189,6 +189,17 @@ def test_an_unsigned_record_needs_the_opt_in(copy):
     assert from_snapshots(SnapshotDir(copy), trust=Trust.of(trust_records=True)).inputs.finetune_model.hparams.lr == 0.3
 
 
+def test_without_a_key_the_records_are_written_unsigned_with_a_warning(tmp_path, monkeypatch):
+    """A home folder where no key can be made: the snapshot is still written; rebuilding it needs an opt-in."""
+    (tmp_path / "file").touch()
+    monkeypatch.setenv(KEY_ENV, str(tmp_path / "file" / "snapshot.key"))
+    with pytest.warns(UserWarning, match="records are not signed: cannot create"):
+        manifest = SnapshotDir(tmp_path / "s").write_stage("pretrain", TinyModule(), "backbone")
+    assert manifest.module.class_path == "lightning_fixtures.TinyModule" and "signature" not in manifest.module
+    with pytest.raises(MSIFError, match="its record is not signed"):
+        Trust().check(OmegaConf.to_container(manifest.module), "pretrain module", "pretrain_model=...")
+
+
 def test_a_key_others_can_read_signs_nothing(copy, snapshot_key):
     os.chmod(snapshot_key, 0o644)
     try:
