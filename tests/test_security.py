@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from lightning_msif import InfluenceArguments, MSIFError, MultiStageInfluence, SnapshotDir, rescore
 from lightning_msif.atomic import save_yaml
+from lightning_msif.cli import main
 from lightning_msif.resolve import from_snapshots
 from lightning_msif.trust import CLASSES_ENV, KEY_ENV, Trust
 
@@ -158,16 +159,16 @@ def test_a_copied_snapshot_needs_the_opt_in(copy, tmp_path, monkeypatch):
     assert rescore(copy, ARGS, progress=False).scores.shape == (13, 5)
 
 
-def test_the_cli_takes_the_opt_ins(copy, tmp_path):
+def test_the_cli_takes_the_opt_ins(copy, tmp_path, monkeypatch, capsys):
     """Under another user's key (refused as in the test above), the allow-list and trust_records let it rebuild."""
-    other = {KEY_ENV: str(tmp_path / "other.key")}
-    score = ("score", f"snapshot_dir={copy}", "mode=updated", "alpha=0.5", "damping=0.5", "solver=exact",
-             "progress=false", "report=false")
-    trusted = _msif(*score, "trusted_classes=[lightning_fixtures.TinyModule,lightning_fixtures.TinyDataModule]",
-                    **other)
-    assert trusted.returncode == 0, trusted.stderr
-    report = _msif("report", f"snapshot_dir={copy}", "top_k=1", "trust_records=true", **other)
-    assert report.returncode == 0 and "examples not shown" not in report.stderr, report.stderr
+    monkeypatch.setenv(KEY_ENV, str(tmp_path / "other.key"))
+    score = ["score", f"snapshot_dir={copy}", "mode=updated", "alpha=0.5", "damping=0.5", "solver=exact",
+             "progress=false", "report=false"]
+    assert main([*score, "trusted_classes=[lightning_fixtures.TinyModule,lightning_fixtures.TinyDataModule]"]) == 0
+    assert main(["report", f"snapshot_dir={copy}", "top_k=1"]) == 0
+    assert "examples not shown" in capsys.readouterr().err
+    assert main(["report", f"snapshot_dir={copy}", "top_k=1", "trust_records=true"]) == 0
+    assert "examples not shown" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field, value", [("class_path", "lightning_fixtures.TinyDataModule"),
