@@ -79,11 +79,14 @@ def read_yaml(path: PathLike) -> DictConfig:
 
 
 def _refuse_interpolations(value: Any, path: PathLike) -> None:
+    """Refuse any ``${`` in the strings of ``value`` (nested dicts and lists)."""
     if isinstance(value, str) and "${" in value:
         raise MSIFError(f"{path} holds the interpolation {value!r}; a snapshot's YAML is read as plain values and "
                         "lightning-msif never writes one. Take that snapshot again.")
-    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
-        _refuse_interpolations(item, path)
+    items = value.values() if isinstance(value, dict) else value
+    if isinstance(value, (dict, list)):
+        for item in items:
+            _refuse_interpolations(item, path)
 
 
 # -- data fingerprints --------------------------------------------------------------------------
