@@ -32,8 +32,7 @@ from .errors import MSIFError
 KEY_ENV = "MSIF_KEY_FILE"
 CLASSES_ENV = "MSIF_TRUSTED_CLASSES"
 BASES = {"module": "LightningModule", "datamodule": "LightningDataModule"}
-TRUST_RECORDS_HELP = ("rebuild the snapshots' module/datamodule records even if not written by you on this machine "
-                      "(only for snapshots you trust: a record names code to run)")
+TRUST_RECORDS_HELP = "rebuild records written elsewhere too: only for snapshots you trust (records name code)"
 TRUSTED_CLASSES_HELP = "class paths the snapshots' records may rebuild wherever written, e.g. [my_pkg.models.Net]"
 _KEY_BYTES = 32
 
