@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from .core.arguments import InfluenceArguments, arguments_from, help_of, setting, settings_schema
 from .errors import MSIFError
 from .evaluation.config import EvaluationConfig
+from .trust import TRUST_RECORDS_HELP, TRUSTED_CLASSES_HELP, Trust
 
 
 @dataclass
@@ -39,6 +40,8 @@ class ReportCommand:
     snapshot_dir: str = setting(MISSING, "folder written by the callbacks (required)")
     top_k: int = setting(10, "pretraining examples per query and side in the report")
     wandb: WandbConfig = setting(WandbConfig, WANDB_HELP, factory=True)
+    trust_records: bool = setting(False, TRUST_RECORDS_HELP)
+    trusted_classes: List[str] = setting(list, TRUSTED_CLASSES_HELP, factory=True)
 
 
 ScoreCommand = settings_schema("ScoreCommand", [
@@ -47,6 +50,8 @@ ScoreCommand = settings_schema("ScoreCommand", [
     ("wandb", WandbConfig, setting(WandbConfig, WANDB_HELP, factory=True)),
     ("report", bool, setting(True, "rebuild the report after scoring (true | false)")),
     ("progress", bool, setting(True, "progress bars (true | false)")),
+    ("trust_records", bool, setting(False, TRUST_RECORDS_HELP)),
+    ("trusted_classes", List[str], setting(list, TRUSTED_CLASSES_HELP, factory=True)),
 ], doc="``msif score``: the report's settings, then InfluenceArguments' (defaults: the last run's).")
 
 EvaluateCommand = settings_schema("EvaluateCommand", [
@@ -126,8 +131,9 @@ def run_report(cfg: Any) -> Dict[str, Any]:
     snapshots = SnapshotDir(cfg.snapshot_dir)
     scores, record = snapshots.read_scores()
     examples: Dict[str, Any] = {}
+    trust = Trust.of(cfg.trust_records, cfg.trusted_classes)
     try:
-        run = from_snapshots(snapshots)
+        run = from_snapshots(snapshots, trust=trust)
     except MSIFError as err:  # the scores alone still make every table, without labels or pictures
         print(f"msif report: examples not shown ({err})", file=sys.stderr)
     else:
@@ -146,7 +152,8 @@ def run_score(cfg: Any) -> None:
     from .rescoring import rescore
 
     arguments = arguments_from(InfluenceArguments, OmegaConf.to_container(cfg, resolve=True))
-    outcome = rescore(cfg.snapshot_dir, arguments, progress=cfg.progress)
+    outcome = rescore(cfg.snapshot_dir, arguments, progress=cfg.progress, trust_records=cfg.trust_records,
+                      trusted_classes=cfg.trusted_classes)
     print(f"scores {tuple(outcome.scores.shape)} written to {cfg.snapshot_dir}/scores.safetensors")
 
 

@@ -7,9 +7,10 @@ checks values when the callback is built, with a message naming the key and its 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 from .core.arguments import ScoreArguments, setting, settings_schema
+from .trust import TRUST_RECORDS_HELP, TRUSTED_CLASSES_HELP
 
 
 PretrainingSnapshotConfig = settings_schema(
@@ -50,6 +51,8 @@ MultiStageInfluenceConfig = settings_schema(
         ("top_k", int, setting(10, "pretraining examples per query and side in the reports")),
         ("report", bool, setting(True, "write <snapshot_dir>/report/ and log to the trainer's loggers")),
         ("progress", bool, setting(True, "progress bars on rank 0")),
+        ("trust_records", bool, setting(False, TRUST_RECORDS_HELP)),
+        ("trusted_classes", List[str], setting(list, TRUSTED_CLASSES_HELP, factory=True)),
     ],
     doc="Everything ``MultiStageInfluence`` takes that YAML can hold: its own settings, then InfluenceArguments'.",
 )

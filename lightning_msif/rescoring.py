@@ -1,7 +1,9 @@
 """``rescore``: the scores again from the two stages' snapshots, without retraining."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
+
+from torch import nn
 
 from .atomic import PathLike
 from .core.arguments import InfluenceArguments
@@ -10,17 +12,25 @@ from .core.objective import LossFn
 from .resolve import from_snapshots
 from .scoring_job import ScoringOutcome, last_arguments, run_scoring
 from .snapshots import SnapshotDir
+from .trust import Trust
 
 
-def rescore(snapshot_dir: PathLike, arguments: Optional[InfluenceArguments] = None, *, pretrain_data: Any = None,
-            finetune_data: Any = None, query_data: Any = None, loss_fn: Optional[LossFn] = None,
-            comm: Optional[Communicator] = None, progress: bool = True) -> ScoringOutcome:
+def rescore(snapshot_dir: PathLike, arguments: Optional[InfluenceArguments] = None, *,
+            pretrain_model: Optional[nn.Module] = None, finetune_model: Optional[nn.Module] = None,
+            pretrain_data: Any = None, finetune_data: Any = None, query_data: Any = None,
+            loss_fn: Optional[LossFn] = None, comm: Optional[Communicator] = None, progress: bool = True,
+            trust_records: bool = False, trusted_classes: Iterable[str] = ()) -> ScoringOutcome:
     """Scores from the snapshots of both stages (resumes an interrupted run); writes them like the callback.
 
     Modules and data are rebuilt from the snapshots' records unless given; ``arguments`` default to the
     settings of the last run in ``snapshot_dir`` (``scores.yaml``), else to ``InfluenceArguments()``.
+    A record is rebuilt only if this user wrote the snapshot here (signed records), its class is in
+    ``trusted_classes`` (or ``$MSIF_TRUSTED_CLASSES``), or ``trust_records=True``: a snapshot from elsewhere
+    could name any code (docs/security.md).
     """
+    trust = Trust.of(trust_records, trusted_classes)
     snapshots = SnapshotDir(snapshot_dir)
-    run = from_snapshots(snapshots, pretrain_data=pretrain_data, finetune_data=finetune_data,
-                         query_data=query_data, loss_fn=loss_fn)
+    run = from_snapshots(snapshots, pretrain_model=pretrain_model, finetune_model=finetune_model,
+                         pretrain_data=pretrain_data, finetune_data=finetune_data, query_data=query_data,
+                         loss_fn=loss_fn, trust=trust)
     return run_scoring(run.inputs, arguments or last_arguments(snapshots), snapshots, comm, progress, run.identity)

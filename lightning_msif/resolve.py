@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .core.data import class_names_of, dataset_of
@@ -17,6 +17,7 @@ from .core.objective import LossFn, module_loss
 from .errors import MSIFError
 from .scoring_job import ScoringInputs
 from .snapshots import SnapshotDir, check_fingerprint, rebuild
+from .trust import Trust
 
 QUERY_SPLITS = ("val", "test")
 
@@ -25,17 +26,38 @@ Prepare = Callable[[Any], None]
 on local rank 0 behind a barrier."""
 
 
+def _hint(stage: str, kind: str) -> str:
+    """The keywords that pass a stage's module or data instead of rebuilding it (callback and ``rescore`` alike)."""
+    if kind == "module":
+        return f"{stage}_model=..."
+    return "pretrain_data=..." if stage == "pretrain" else "finetune_data=... and query_data=..."
+
+
+def _rebuild(manifest: DictConfig, stage: str, kind: str, trust: Trust) -> Any:
+    record = manifest.module if kind == "module" else manifest.data
+    return rebuild(record, kind, f"{stage} {kind}", trust, _hint(stage, kind))
+
+
+def admit(manifest: DictConfig, stage: str, trust: Trust, *, module: bool, data: bool) -> None:
+    """Refuse, before anything is rebuilt, a record of ``stage`` that will be rebuilt (``module`` / ``data``)
+    and that ``trust`` does not admit: a run stops before any work, and nothing a snapshot names is imported."""
+    for kind, record, wanted in (("module", manifest.module, module), ("datamodule", manifest.data, data)):
+        if wanted and record is not None:
+            trust.check(OmegaConf.to_container(record), f"{stage} {kind}", _hint(stage, kind))
+
+
 def load_stage_module(manifest: DictConfig, weights: Dict[str, torch.Tensor], stage: str,
-                      module: Optional[nn.Module] = None) -> nn.Module:
-    """``module`` (rebuilt from the snapshot's record when None) with the snapshot's weights and trainable set."""
+                      module: Optional[nn.Module] = None, trust: Trust = Trust()) -> nn.Module:
+    """``module`` (rebuilt from the snapshot's record when None and ``trust`` admits it) with the snapshot's
+    weights and trainable set."""
     if module is None:
         if manifest.module is None:
             raise MSIFError(
                 f"The {stage} snapshot cannot rebuild its module (no saved hyperparameters): call "
                 "self.save_hyperparameters() in the module's __init__ and re-run that stage, or pass the "
-                f"{stage} module explicitly (pretrain_model=... on the finetune callback)."
+                f"{stage} module explicitly ({_hint(stage, 'module')})."
             )
-        module = rebuild(manifest.module, f"{stage} module")
+        module = _rebuild(manifest, stage, "module", trust)
     fit = module.load_state_dict(weights, strict=False)
     if fit.missing_keys or fit.unexpected_keys:
         raise MSIFError(
@@ -48,14 +70,15 @@ def load_stage_module(manifest: DictConfig, weights: Dict[str, torch.Tensor], st
     return module
 
 
-def rebuild_datamodule(manifest: DictConfig, stage: str, prepare: Optional[Prepare] = None) -> Any:
-    """The stage's datamodule from its record, prepared and set up for ``fit``."""
+def rebuild_datamodule(manifest: DictConfig, stage: str, prepare: Optional[Prepare] = None,
+                       trust: Trust = Trust()) -> Any:
+    """The stage's datamodule from its record (if ``trust`` admits it), prepared and set up for ``fit``."""
     if manifest.data is None:
         raise MSIFError(
             f"The {stage} snapshot has no record of its datamodule (plain DataLoaders, or no saved "
             f"hyperparameters): pass {stage}_data=<the {stage} DataLoader or Dataset> explicitly."
         )
-    dm = rebuild(manifest.data, f"{stage} datamodule")
+    dm = _rebuild(manifest, stage, "datamodule", trust)
     (prepare or (lambda d: d.prepare_data()))(dm)
     dm.setup("fit")
     return dm
@@ -83,13 +106,15 @@ class PretrainingSide:
 
 
 def pretraining_side(snapshots: SnapshotDir, *, module: Optional[nn.Module] = None, data: Any = None,
-                     prepare: Optional[Prepare] = None) -> PretrainingSide:
-    """The pretraining module and data (rebuilt from the snapshot's records unless given), fingerprint checked."""
+                     prepare: Optional[Prepare] = None, trust: Trust = Trust()) -> PretrainingSide:
+    """The pretraining module and data (rebuilt from the snapshot's records unless given, as far as ``trust``
+    admits), fingerprint checked."""
     manifest, weights = snapshots.load_stage("pretrain")
-    module = load_stage_module(manifest, weights, "pretrain", module)
+    admit(manifest, "pretrain", trust, module=module is None, data=data is None)
+    module = load_stage_module(manifest, weights, "pretrain", module, trust)
     names = None
     if data is None:
-        dm = rebuild_datamodule(manifest, "pretrain", prepare)
+        dm = rebuild_datamodule(manifest, "pretrain", prepare, trust)
         data, names = dm.train_dataloader(), class_names_of(dm)
     if manifest.fingerprint is not None:
         check_fingerprint(manifest.fingerprint, dataset_of(data), "pretraining data")
@@ -111,15 +136,19 @@ def identity_of(pretrain: DictConfig, finetune: DictConfig) -> Dict[str, str]:
     return {"pretrain_weights": str(pretrain.weights.sha256), "finetune_weights": str(finetune.weights.sha256)}
 
 
-def from_snapshots(snapshots: SnapshotDir, *, pretrain_data: Any = None, finetune_data: Any = None,
-                   query_data: Any = None, loss_fn: Optional[LossFn] = None) -> SnapshotRun:
-    """Modules and data of both stages, rebuilt from the snapshots' records unless given."""
-    pre = pretraining_side(snapshots, data=pretrain_data)
+def from_snapshots(snapshots: SnapshotDir, *, pretrain_model: Optional[nn.Module] = None,
+                   finetune_model: Optional[nn.Module] = None, pretrain_data: Any = None, finetune_data: Any = None,
+                   query_data: Any = None, loss_fn: Optional[LossFn] = None, trust: Trust = Trust()) -> SnapshotRun:
+    """Modules and data of both stages, rebuilt from the snapshots' records unless given (as far as ``trust``
+    admits: ``trust.py``)."""
     ft_manifest, ft_weights = snapshots.load_stage("finetune")
-    fine = load_stage_module(ft_manifest, ft_weights, "finetune")
+    admit(ft_manifest, "finetune", trust, module=finetune_model is None,
+          data=finetune_data is None or query_data is None)
+    pre = pretraining_side(snapshots, module=pretrain_model, data=pretrain_data, trust=trust)
+    fine = load_stage_module(ft_manifest, ft_weights, "finetune", finetune_model, trust)
     query_names = None
     if finetune_data is None or query_data is None:
-        dm = rebuild_datamodule(ft_manifest, "finetune")
+        dm = rebuild_datamodule(ft_manifest, "finetune", trust=trust)
         query_names = class_names_of(dm)
         finetune_data = finetune_data if finetune_data is not None else dm.train_dataloader()
         if query_data is None:

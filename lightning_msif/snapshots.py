@@ -5,7 +5,6 @@ Also the records that rebuild a module or datamodule from a snapshot, and data f
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import platform
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -24,6 +24,7 @@ from .atomic import PathLike, save_tensors, save_yaml, sha256_file
 from .core.index import GradientIndex
 from .core.params import shared_names
 from .errors import MSIFError
+from .trust import Trust, load_class, sign
 from .version import __version__
 
 FORMAT_VERSION = 1
@@ -31,31 +32,61 @@ FORMAT_VERSION = 1
 
 # -- records: how to rebuild a module or a datamodule ---------------------------------------------
 def class_record(obj: Any) -> Optional[Dict[str, Any]]:
-    """``{class_path, hparams}`` for an object with saved hyperparameters, else None."""
+    """``{class_path, hparams, signature}`` for an object with saved hyperparameters, else None.
+
+    The hyperparameters are stored as a YAML read gives them back, so the signature (``trust.sign``, this
+    user's key) covers exactly what ``rebuild`` will pass to the class.
+    """
     hparams = getattr(obj, "hparams", None)
     if hparams is None:
         return None
     try:
-        plain = OmegaConf.to_container(OmegaConf.create(dict(hparams)), resolve=True)
+        text = OmegaConf.to_yaml(OmegaConf.create(dict(hparams)), resolve=True)
     except Exception:  # hyperparameters that YAML cannot hold (objects, tensors): not rebuildable
         return None
     cls = type(obj)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "hparams": plain}
+    plain = OmegaConf.to_container(OmegaConf.create(text))
+    return sign({"class_path": f"{cls.__module__}.{cls.__qualname__}", "hparams": plain})
 
 
-def rebuild(record: Mapping[str, Any], what: str) -> Any:
-    """Instantiate ``class_path(**hparams)`` from a record."""
-    path = str(record["class_path"])
-    module_name, _, name = path.rpartition(".")
+def rebuild(record: Mapping[str, Any], kind: str, what: str, trust: Trust, hint: str) -> Any:
+    """``class_path(**hparams)`` from a ``kind`` (``module`` / ``datamodule``) record the ``trust`` policy admits
+    (checked before anything is imported); ``hint`` says how to pass the object instead."""
+    plain = OmegaConf.to_container(record) if isinstance(record, DictConfig) else dict(record)
+    cls = load_class(plain, kind, what, trust, hint)
+    hparams = plain.get("hparams") or {}
+    if not isinstance(hparams, dict):
+        raise MSIFError(f"The snapshot's {what} record holds hparams of type {type(hparams).__name__}, not a "
+                        f"mapping of keyword arguments. Pass the {what} explicitly ({hint}).")
+    return cls(**hparams)
+
+
+# -- YAML files of a snapshot ------------------------------------------------------------------------
+def read_yaml(path: PathLike) -> DictConfig:
+    """A snapshot's YAML file as plain values: a safe loader (``!!python`` tags refused but OmegaConf's
+    ``pathlib`` paths) and no ``${...}`` interpolation (resolving one could call a resolver the application
+    registered, e.g. an ``eval``)."""
     try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise MSIFError(
-            f"Cannot rebuild the {what} from the snapshot: {path!r} is not importable here ({err}). Make "
-            f"its module importable (install it or add it to PYTHONPATH), or pass the {what} explicitly."
-        ) from err
-    hp = record.get("hparams") or {}
-    return cls(**(OmegaConf.to_container(hp) if isinstance(hp, DictConfig) else dict(hp)))
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise MSIFError(f"{path} is not a plain YAML file as lightning-msif writes it ({problem}): it holds a "
+                        "Python tag or is malformed. Take that snapshot again, or remove the file.") from None
+    if not isinstance(cfg, DictConfig):
+        raise MSIFError(f"{path} holds a {type(cfg).__name__}, not a mapping: take that snapshot again.")
+    _refuse_interpolations(OmegaConf.to_container(cfg, resolve=False), path)
+    return cfg
+
+
+def _refuse_interpolations(value: Any, path: PathLike) -> None:
+    """Refuse any ``${`` in the strings of ``value`` (nested dicts and lists)."""
+    if isinstance(value, str) and "${" in value:
+        raise MSIFError(f"{path} holds the interpolation {value!r}; a snapshot's YAML is read as plain values and "
+                        "lightning-msif never writes one. Take that snapshot again.")
+    items = value.values() if isinstance(value, dict) else value
+    if isinstance(value, (dict, list)):
+        for item in items:
+            _refuse_interpolations(item, path)
 
 
 # -- data fingerprints --------------------------------------------------------------------------
@@ -285,7 +316,7 @@ class SnapshotDir:
             hint = (f"run the {stage} stage with {callback}(snapshot_dir=...) first, or point snapshot_dir at the "
                     "folder it wrote")
             raise MSIFError(f"No {stage} snapshot in {folder}: {hint}.")
-        manifest = OmegaConf.load(path)
+        manifest = read_yaml(path)
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             written = OmegaConf.select(manifest, "versions.lightning_msif", default="an unknown version")
@@ -294,7 +325,7 @@ class SnapshotDir:
                 f"{written}); this lightning-msif ({__version__}) reads format {FORMAT_VERSION}. Re-run that "
                 "stage with this version, or install the version that wrote it."
             )
-        weights = folder / manifest.weights.file
+        weights = self.weights_path(stage)  # never a path the manifest names: it may point out of the folder
         if not weights.exists() or sha256_file(weights) != manifest.weights.sha256:
             raise MSIFError(
                 f"The {stage} weights {weights} are missing or do not match the hash in its manifest (a partial "
@@ -305,7 +336,7 @@ class SnapshotDir:
     def load_stage(self, stage: str) -> Tuple[DictConfig, Dict[str, torch.Tensor]]:
         """The verified manifest and the weights of ``stage``."""
         manifest = self.manifest(stage)
-        return manifest, load_file(str(self.root / stage / manifest.weights.file))
+        return manifest, load_file(str(self.weights_path(stage)))
 
     # -- stored per-example gradients of the pretraining set -----------------------------------------------
     def write_gradients(self, gradients: torch.Tensor, names: Iterable[str], weights_sha: str) -> Path:
@@ -365,7 +396,7 @@ class SnapshotDir:
 
     def _index_manifest(self) -> Optional[Dict[str, Any]]:
         path = self.index_dir / self.MANIFEST
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.exists() else None
+        return OmegaConf.to_container(read_yaml(path)) if path.exists() else None
 
     def index_spec(self) -> Optional[Dict[str, Any]]:
         """The description of the index in the folder (without what is written when the capture finishes), or
@@ -412,7 +443,7 @@ class SnapshotDir:
     def scores_record(self) -> Optional[DictConfig]:
         """How the last scores were computed (``scores.yaml``), or None before any scoring run."""
         path = self.root / self.SCORES_RECORD
-        return OmegaConf.load(path) if path.exists() else None
+        return read_yaml(path) if path.exists() else None
 
     def read_scores(self) -> Tuple[torch.Tensor, DictConfig]:
         """The score matrix and its record."""

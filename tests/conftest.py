@@ -63,3 +63,20 @@ def solve_calls(monkeypatch):
 
     monkeypatch.setattr(influence, "solve", counting)
     return calls
+
+
+@pytest.fixture(scope="session", autouse=True)
+def snapshot_key(tmp_path_factory):
+    """The per-user key that signs snapshot records, in a temporary folder (inherited by subprocesses), so the
+    tests neither read nor create one in the home folder."""
+    import os
+
+    from lightning_msif.trust import KEY_ENV
+
+    before = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = str(tmp_path_factory.mktemp("key") / "snapshot.key")
+    yield os.environ[KEY_ENV]
+    if before is None:
+        del os.environ[KEY_ENV]
+    else:
+        os.environ[KEY_ENV] = before

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).parents[1] / "lightning_msif"
 LAYERS: List[Set[str]] = [
     {"errors", "version", "atomic"},
     {"core"},
-    {"distributed"},
+    {"distributed", "trust"},
     {"snapshots", "reports"},
     {"scoring_job"},
     {"resolve"},

@@ -8,7 +8,7 @@ snapshots the finetune stage, computes the scores on every rank of the trainer's
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -27,6 +27,7 @@ from ..reports.render import Renderer
 from ..resolve import QUERY_SPLITS, identity_of, pretraining_side, query_loader
 from ..scoring_job import ScoringInputs, run_scoring
 from ..snapshots import SnapshotDir, check_shared
+from ..trust import Trust
 from .common import StageCallback, check_strategy, train_loader
 
 
@@ -42,7 +43,9 @@ class MultiStageInfluence(StageCallback):
     keywords (they override ``arguments``); the fields are listed below. Per-example losses: the module's
     ``per_example_loss(batch)``, else ``loss_fn(model, batch)``, else cross-entropy on ``(x, y)`` batches.
     ``query`` is ``"val"``, ``"test"`` or a DataLoader. The pretraining data and module are rebuilt from the
-    snapshot's records unless ``pretrain_data`` / ``pretrain_model`` are given.
+    snapshot's records unless ``pretrain_data`` / ``pretrain_model`` are given; a record is rebuilt only if
+    this user wrote the snapshot on this machine, its class is in ``trusted_classes`` (or
+    ``$MSIF_TRUSTED_CLASSES``), or ``trust_records=True`` (docs/security.md).
     """
 
     STAGE = "finetune"
@@ -61,6 +64,8 @@ class MultiStageInfluence(StageCallback):
         render: Optional[Renderer] = None,
         report: bool = True,
         progress: bool = True,
+        trust_records: bool = False,
+        trusted_classes: Iterable[str] = (),
         arguments: Optional[InfluenceArguments] = None,
         **settings: Any,
     ):
@@ -69,7 +74,7 @@ class MultiStageInfluence(StageCallback):
         if unknown:
             raise MSIFError(f"MultiStageInfluence got unknown setting(s) {unknown}; the influence settings are "
                             f"{names}, the callback's own are query, loss_fn, query_fn, pretrain_data, pretrain_model, "
-                            "enforce_proximal, top_k, render, report, progress.")
+                            "enforce_proximal, top_k, render, report, progress, trust_records, trusted_classes.")
         self.arguments = arguments_from(InfluenceArguments, arguments or InfluenceArguments(), **settings)
         if isinstance(query, str) and query not in QUERY_SPLITS:
             raise MSIFError(f"query={query!r} is not allowed; choose one of {list(QUERY_SPLITS)} or pass a DataLoader.")
@@ -77,6 +82,7 @@ class MultiStageInfluence(StageCallback):
             raise MSIFError("enforce_proximal=True applies to mode='updated' only (it adds α(θ − θ̂) to the gradients).")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise MSIFError(f"top_k={top_k!r}: must be a positive integer (examples per query and side in the reports).")
+        self.trust = Trust.of(trust_records, trusted_classes)
         self.snapshots = SnapshotDir(snapshot_dir)
         self.query = query
         self.loss_fn = loss_fn
@@ -124,7 +130,8 @@ class MultiStageInfluence(StageCallback):
                 dm.prepare_data()
             trainer.strategy.barrier("msif_prepare_pretrain_data")
 
-        pre = pretraining_side(self.snapshots, module=self.pretrain_model, data=self.pretrain_data, prepare=prepare)
+        pre = pretraining_side(self.snapshots, module=self.pretrain_model, data=self.pretrain_data, prepare=prepare,
+                               trust=self.trust)
         if args.mode == "fixed":
             changed = [n for n, p in shared.items() if not torch.equal(p.detach().cpu(), pre.weights[n].to(p.dtype))]
             if changed:
