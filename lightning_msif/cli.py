@@ -47,6 +47,7 @@ ScoreCommand = settings_schema("ScoreCommand", [
     ("wandb", WandbConfig, setting(WandbConfig, WANDB_HELP, factory=True)),
     ("report", bool, setting(True, "rebuild the report after scoring (true | false)")),
     ("progress", bool, setting(True, "progress bars (true | false)")),
+    ("threads", Optional[int], setting(1, THREADS_HELP)),
 ], doc="``msif score``: the report's settings, then InfluenceArguments' (defaults: the last run's).")
 
 EvaluateCommand = settings_schema("EvaluateCommand", [
@@ -146,7 +147,7 @@ def run_score(cfg: Any) -> None:
     from .rescoring import rescore
 
     arguments = arguments_from(InfluenceArguments, OmegaConf.to_container(cfg, resolve=True))
-    outcome = rescore(cfg.snapshot_dir, arguments, progress=cfg.progress)
+    outcome = rescore(cfg.snapshot_dir, arguments, progress=cfg.progress, threads=cfg.threads)
     print(f"scores {tuple(outcome.scores.shape)} written to {cfg.snapshot_dir}/scores.safetensors")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import platform
 import shutil
@@ -31,7 +32,7 @@ FORMAT_VERSION = 1
 
 # -- records: how to rebuild a module or a datamodule ---------------------------------------------
 def class_record(obj: Any) -> Optional[Dict[str, Any]]:
-    """``{class_path, hparams}`` for an object with saved hyperparameters, else None."""
+    """``{class_path, hparams}`` for an object that ``class_path(**hparams)`` rebuilds, else None."""
     hparams = getattr(obj, "hparams", None)
     if hparams is None:
         return None
@@ -40,7 +41,21 @@ def class_record(obj: Any) -> Optional[Dict[str, Any]]:
     except Exception:  # hyperparameters that YAML cannot hold (objects, tensors): not rebuildable
         return None
     cls = type(obj)
+    if not _rebuilds(cls, plain):
+        return None
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "hparams": plain}
+
+
+def _rebuilds(cls: type, hparams: Mapping[str, Any]) -> bool:
+    """Whether ``cls(**hparams)`` is a call that built the object: the saved hyperparameters fill the constructor's
+    arguments, and with none saved (no ``save_hyperparameters()``) only a constructor that takes none qualifies
+    (its defaults may not be the values the object was built with)."""
+    try:
+        signature = inspect.signature(cls)
+        signature.bind(**hparams)
+    except (TypeError, ValueError):
+        return False
+    return bool(hparams) or not signature.parameters
 
 
 def rebuild(record: Mapping[str, Any], what: str) -> Any:
