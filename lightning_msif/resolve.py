@@ -6,7 +6,7 @@ rebuilds the pretraining side) and behind ``rescore`` / ``msif`` (which rebuild 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -67,6 +67,25 @@ def rebuild_datamodule(manifest: DictConfig, stage: str, prepare: Optional[Prepa
     return dm
 
 
+def single_loader(source: Any) -> Any:
+    """The one loader of a ``CombinedLoader``, dict or list that holds a single one; several are refused, since
+    a score matrix indexes one training set."""
+    iterables = getattr(source, "iterables", source)  # a CombinedLoader around the user's loader(s)
+    if isinstance(iterables, Mapping):
+        named = list(iterables.items())
+    elif isinstance(iterables, (list, tuple)):
+        named = list(enumerate(iterables))
+    else:
+        return iterables
+    if len(named) == 1:
+        return named[0][1]
+    raise MSIFError(
+        f"The training data of fit is {len(named)} loaders ({[name for name, _ in named]}); lightning-msif scores "
+        "one training set, indexed from 0. Train on one loader (a CombinedLoader, dict or list holding a single "
+        "loader is fine), or join the datasets into one (torch.utils.data.ConcatDataset) in one loader."
+    )
+
+
 def query_loader(dm: Any, split: Any) -> Any:
     """The ``val`` or ``test`` loader of a datamodule (set up for ``test`` when needed)."""
     if split not in QUERY_SPLITS:
@@ -113,7 +132,7 @@ def pretraining_side(snapshots: SnapshotDir, *, module: Optional[nn.Module] = No
     names = None
     if data is None:
         dm = rebuild_datamodule(manifest, "pretrain", prepare)
-        data, names = dm.train_dataloader(), class_names_of(dm)
+        data, names = single_loader(dm.train_dataloader()), class_names_of(dm)
     if manifest.fingerprint is not None:
         check_fingerprint(manifest.fingerprint, dataset_of(data), "pretraining data")
     return PretrainingSide(manifest, weights, module, data, names)
@@ -146,7 +165,7 @@ def from_snapshots(snapshots: SnapshotDir, *, pretrain_data: Any = None, finetun
         missing = [name for name, data in given if data is None]
         dm = rebuild_datamodule(ft_manifest, "finetune", missing=missing)
         query_names = class_names_of(dm)
-        finetune_data = finetune_data if finetune_data is not None else dm.train_dataloader()
+        finetune_data = finetune_data if finetune_data is not None else single_loader(dm.train_dataloader())
         if query_data is None:
             split = ft_manifest.get("query")
             if split not in QUERY_SPLITS:

@@ -3,7 +3,7 @@ strategies."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -14,6 +14,7 @@ from torch.utils.data import IterableDataset
 from ..core.data import ExampleSource, dataset_of
 from ..core.objective import LossFn, Objective, evaluation, module_loss
 from ..errors import MSIFError
+from ..resolve import single_loader
 from ..snapshots import SnapshotDir
 
 
@@ -50,25 +51,6 @@ def train_loader(trainer: "pl.Trainer") -> Any:
     """The training data of ``fit``: the datamodule's train loader, else the trainer's, as one loader."""
     source = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
     return single_loader(source)
-
-
-def single_loader(source: Any) -> Any:
-    """The one loader of a ``CombinedLoader``, dict or list that holds a single one; several are refused, since
-    a score matrix indexes one training set."""
-    iterables = getattr(source, "iterables", source)  # a CombinedLoader around the user's loader(s)
-    if isinstance(iterables, Mapping):
-        named = list(iterables.items())
-    elif isinstance(iterables, (list, tuple)):
-        named = list(enumerate(iterables))
-    else:
-        return iterables
-    if len(named) == 1:
-        return named[0][1]
-    raise MSIFError(
-        f"The training data of fit is {len(named)} loaders ({[name for name, _ in named]}); lightning-msif scores "
-        "one training set, indexed from 0. Train on one loader (a CombinedLoader, dict or list holding a single "
-        "loader is fine), or join the datasets into one (torch.utils.data.ConcatDataset) in one loader."
-    )
 
 
 def check_loss(module: nn.Module, loss_fn: LossFn, loader: Any, stage: str) -> None:
