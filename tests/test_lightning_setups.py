@@ -238,3 +238,14 @@ def test_a_batch_mean_loss_is_refused_before_training(tmp_path):
         trainer(callbacks=[PretrainingSnapshot(tmp_path, "model.bert", progress=False)]).fit(
             module, train_dataloaders=DataLoader(_token_sets()[0], batch_size=4))
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_the_checks_before_training_leave_training_as_it_was(tmp_path):
+    """The loss check before the first step reads the data in a forked random state: same shuffles, same weights."""
+    weights = []
+    for callbacks in ([], [PretrainingSnapshot(tmp_path, fit_curvature=False, progress=False)]):
+        torch.manual_seed(0)
+        module = TinyModule()
+        trainer(callbacks=callbacks, max_epochs=2).fit(module, datamodule=TinyDataModule())
+        weights.append(module.head.weight.detach().clone())
+    assert torch.equal(*weights)

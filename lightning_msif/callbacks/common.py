@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+import torch
 from torch import nn
 from torch.utils.data import IterableDataset
 
@@ -38,8 +39,10 @@ class StageCallback(Callback):
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Before the first step (the loaders are set up by now): training data or a loss that the scoring would
-        refuse after training is refused now."""
-        check_loss(pl_module, module_loss(pl_module, self.loss_fn), train_loader(trainer), self.STAGE)
+        refuse after training is refused now. The global random state is restored after (reading a loader draws from
+        it), so training runs as it would without the check."""
+        with torch.random.fork_rng(devices=[]):
+            check_loss(pl_module, module_loss(pl_module, self.loss_fn), train_loader(trainer), self.STAGE)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if state_dict.get("stage", self.STAGE) != self.STAGE:
@@ -55,8 +58,8 @@ def train_loader(trainer: "pl.Trainer") -> Any:
 
 def check_loss(module: nn.Module, loss_fn: LossFn, loader: Any, stage: str) -> None:
     """The per-example loss of the first two training examples, in eval mode: one finite loss per example, or the
-    error the scoring would give after training. A stream (an iterable dataset) is left to the scoring, which
-    reads it once."""
+    error the scoring would give after training. A stream (an iterable dataset) is left to the scoring, which reads
+    it once."""
     dataset = dataset_of(loader)
     if isinstance(dataset, IterableDataset):
         return
