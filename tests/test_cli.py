@@ -55,6 +55,7 @@ def test_score_sets_the_torch_threads_for_its_run(scored):
     for given, used in ((["threads=1"], 1), ([], 1), (["threads=null"], 2)):
         assert main(["score", f"snapshot_dir={scored}", *given, "report=false", "progress=false"]) == 0
         assert SnapshotDir(scored).scores_record().threads == used and torch.get_num_threads() == 2
+    assert main(["score", f"snapshot_dir={scored}", "threads=0", "report=false", "progress=false"]) == 2
 
 
 @pytest.fixture(scope="module")

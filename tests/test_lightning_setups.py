@@ -240,6 +240,22 @@ def test_a_batch_mean_loss_is_refused_before_training(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 
+def test_a_forward_that_takes_the_batch_whole_is_refused_before_training(tmp_path):
+    """Dict batches reach the model as keywords (``model(**inputs)``): a ``forward(batch)`` is named, with the fix."""
+    pytest.importorskip("transformers")
+
+    class WholeBatchModule(BertModule):
+        def forward(self, batch):
+            return self.model(**batch)
+
+        def training_step(self, batch, batch_idx):
+            return self(batch).loss
+
+    with pytest.raises(MSIFError, match=r"forward\(batch\).* does not take \['attention_mask', 'input_ids'\].*keyword"):
+        trainer(callbacks=[PretrainingSnapshot(tmp_path, "model.bert", progress=False)]).fit(
+            WholeBatchModule(), train_dataloaders=DataLoader(_token_sets()[0], batch_size=4))
+
+
 def test_the_checks_before_training_leave_training_as_it_was(tmp_path):
     """The loss check before the first step reads the data in a forked random state: same shuffles, same weights."""
     weights = []
