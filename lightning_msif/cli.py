@@ -52,6 +52,7 @@ ScoreCommand = settings_schema("ScoreCommand", [
     ("progress", bool, setting(True, "progress bars (true | false)")),
     ("trust_records", bool, setting(False, TRUST_RECORDS_HELP)),
     ("trusted_classes", List[str], setting(list, TRUSTED_CLASSES_HELP, factory=True)),
+    ("threads", Optional[int], setting(1, THREADS_HELP)),
 ], doc="``msif score``: the report's settings, then InfluenceArguments' (defaults: the last run's).")
 
 EvaluateCommand = settings_schema("EvaluateCommand", [
@@ -153,7 +154,7 @@ def run_score(cfg: Any) -> None:
 
     arguments = arguments_from(InfluenceArguments, OmegaConf.to_container(cfg, resolve=True))
     outcome = rescore(cfg.snapshot_dir, arguments, progress=cfg.progress, trust_records=cfg.trust_records,
-                      trusted_classes=cfg.trusted_classes)
+                      trusted_classes=cfg.trusted_classes, threads=cfg.threads)
     print(f"scores {tuple(outcome.scores.shape)} written to {cfg.snapshot_dir}/scores.safetensors")
 
 

@@ -1,15 +1,18 @@
 """``rescore``: the scores again from the two stages' snapshots, without retraining."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Optional
 
+import torch
 from torch import nn
 
 from .atomic import PathLike
 from .core.arguments import InfluenceArguments
 from .core.comm import Communicator
 from .core.objective import LossFn
-from .resolve import from_snapshots
+from .errors import MSIFError
+from .resolve import check_mode, from_snapshots
 from .scoring_job import ScoringOutcome, last_arguments, run_scoring
 from .snapshots import SnapshotDir
 from .trust import Trust
@@ -19,18 +22,25 @@ def rescore(snapshot_dir: PathLike, arguments: Optional[InfluenceArguments] = No
             pretrain_model: Optional[nn.Module] = None, finetune_model: Optional[nn.Module] = None,
             pretrain_data: Any = None, finetune_data: Any = None, query_data: Any = None,
             loss_fn: Optional[LossFn] = None, comm: Optional[Communicator] = None, progress: bool = True,
-            trust_records: bool = False, trusted_classes: Iterable[str] = ()) -> ScoringOutcome:
+            trust_records: bool = False, trusted_classes: Iterable[str] = (),
+            threads: Optional[int] = 1) -> ScoringOutcome:
     """Scores from the snapshots of both stages (resumes an interrupted run); writes them like the callback.
 
     Modules and data are rebuilt from the snapshots' records unless given; ``arguments`` default to the
-    settings of the last run in ``snapshot_dir`` (``scores.yaml``), else to ``InfluenceArguments()``.
+    settings of the last run in ``snapshot_dir`` (``scores.yaml``), else to ``InfluenceArguments()``; settings
+    that contradict the snapshots (the shared prefix, the mode) are refused before anything is rebuilt.
     A record is rebuilt only if this user wrote the snapshot here (signed records), its class is in
     ``trusted_classes`` (or ``$MSIF_TRUSTED_CLASSES``), or ``trust_records=True``: a snapshot from elsewhere
     could name any code (docs/security.md).
+    ``threads``: torch intra-op threads while scoring, restored after (None: leave torch's setting); 1 by default,
+    as in the demo: small models' products gain nothing from more, and on a busy machine extra threads only contend.
     """
     trust = Trust.of(trust_records, trusted_classes)
     snapshots = SnapshotDir(snapshot_dir)
-    run = from_snapshots(snapshots, pretrain_model=pretrain_model, finetune_model=finetune_model,
-                         pretrain_data=pretrain_data, finetune_data=finetune_data, query_data=query_data,
-                         loss_fn=loss_fn, trust=trust)
-    return run_scoring(run.inputs, arguments or last_arguments(snapshots), snapshots, comm, progress, run.identity)
+    arguments = arguments or last_arguments(snapshots)
+    check_settings(snapshots, arguments)
+    with torch_threads(threads):
+        run = from_snapshots(snapshots, pretrain_model=pretrain_model, finetune_model=finetune_model,
+                             pretrain_data=pretrain_data, finetune_data=finetune_data, query_data=query_data,
+                             loss_fn=loss_fn, trust=trust)
+        return run_scoring(run.inputs, arguments, snapshots, comm, progress, run.identity)

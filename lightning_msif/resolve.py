@@ -6,7 +6,7 @@ rebuilds the pretraining side) and behind ``rescore`` / ``msif`` (which rebuild 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -71,17 +71,41 @@ def load_stage_module(manifest: DictConfig, weights: Dict[str, torch.Tensor], st
 
 
 def rebuild_datamodule(manifest: DictConfig, stage: str, prepare: Optional[Prepare] = None,
-                       trust: Trust = Trust()) -> Any:
-    """The stage's datamodule from its record (if ``trust`` admits it), prepared and set up for ``fit``."""
+                       trust: Trust = Trust(), missing: Sequence[str] = ()) -> Any:
+    """The stage's datamodule from its record (if ``trust`` admits it), prepared and set up for ``fit``; without a
+    record, the error names the ``missing`` keywords that give the data instead (default: ``<stage>_data``)."""
     if manifest.data is None:
+        given = " and ".join(f"{name}=..." for name in (missing or [f"{stage}_data"]))
         raise MSIFError(
-            f"The {stage} snapshot has no record of its datamodule (plain DataLoaders, or no saved "
-            f"hyperparameters): pass {stage}_data=<the {stage} DataLoader or Dataset> explicitly."
+            f"The {stage} snapshot cannot rebuild its datamodule (fit was given plain DataLoaders, or the "
+            "datamodule has no saved hyperparameters: call self.save_hyperparameters() in its __init__ to record "
+            f"them). Pass the data in hand instead: {given} (DataLoaders or Datasets, in the order trained on) to "
+            f"lightning_msif.rescore(snapshot_dir, ...){' or to MultiStageInfluence' if stage == 'pretrain' else ''}; "
+            "msif score cannot take data."
         )
     dm = _rebuild(manifest, stage, "datamodule", trust)
     (prepare or (lambda d: d.prepare_data()))(dm)
     dm.setup("fit")
     return dm
+
+
+def single_loader(source: Any) -> Any:
+    """The one loader of a ``CombinedLoader``, dict or list that holds a single one; several are refused, since
+    a score matrix indexes one training set."""
+    iterables = getattr(source, "iterables", source)  # a CombinedLoader around the user's loader(s)
+    if isinstance(iterables, Mapping):
+        named = list(iterables.items())
+    elif isinstance(iterables, (list, tuple)):
+        named = list(enumerate(iterables))
+    else:
+        return iterables
+    if len(named) == 1:
+        return named[0][1]
+    raise MSIFError(
+        f"The training data of fit is {len(named)} loaders ({[name for name, _ in named]}); lightning-msif scores "
+        "one training set, indexed from 0. Train on one loader (a CombinedLoader, dict or list holding a single "
+        "loader is fine), or join the datasets into one (torch.utils.data.ConcatDataset) in one loader."
+    )
 
 
 def query_loader(dm: Any, split: Any) -> Any:
@@ -92,6 +116,23 @@ def query_loader(dm: Any, split: Any) -> Any:
     if split == "test":
         dm.setup("test")
     return dm.val_dataloader() if split == "val" else dm.test_dataloader()
+
+
+def check_mode(mode: str, shared: Iterable[str], trainable: Iterable[str], snapshot: bool) -> None:
+    """The finetune stage treats the shared parameters θ as ``mode`` assumes: frozen in fixed mode, trained in
+    updated mode (else the scores answer another question: updated mode on a frozen θ meets an indefinite Hessian).
+    ``snapshot``: the stage is over and the fix is the other mode; else the module is about to train."""
+    trainable = set(trainable)
+    trained = [name for name in shared if name in trainable]
+    if mode == "fixed" and trained:
+        fix = ("score it with mode=updated (and the alpha it was trained with)" if snapshot else
+               "Freeze it (requires_grad_(False)) or use mode='updated' with alpha")
+        raise MSIFError(f"mode='fixed' assumes the shared embedding is frozen while finetuning, but {trained[:3]} "
+                        f"{'were trained' if snapshot else 'require gradients'}. {fix}.")
+    if mode == "updated" and not trained:
+        fix = "score it with mode=fixed" if snapshot else "Let it train (requires_grad_(True)) or use mode='fixed'"
+        raise MSIFError(f"mode='updated' assumes the shared embedding is finetuned (with the proximal term), but "
+                        f"none of its parameters {'were trained' if snapshot else 'require gradients'}. {fix}.")
 
 
 @dataclass
@@ -115,7 +156,7 @@ def pretraining_side(snapshots: SnapshotDir, *, module: Optional[nn.Module] = No
     names = None
     if data is None:
         dm = rebuild_datamodule(manifest, "pretrain", prepare, trust)
-        data, names = dm.train_dataloader(), class_names_of(dm)
+        data, names = single_loader(dm.train_dataloader()), class_names_of(dm)
     if manifest.fingerprint is not None:
         check_fingerprint(manifest.fingerprint, dataset_of(data), "pretraining data")
     return PretrainingSide(manifest, weights, module, data, names)
@@ -148,9 +189,11 @@ def from_snapshots(snapshots: SnapshotDir, *, pretrain_model: Optional[nn.Module
     fine = load_stage_module(ft_manifest, ft_weights, "finetune", finetune_model, trust)
     query_names = None
     if finetune_data is None or query_data is None:
-        dm = rebuild_datamodule(ft_manifest, "finetune", trust=trust)
+        given = (("finetune_data", finetune_data), ("query_data", query_data))
+        missing = [name for name, data in given if data is None]
+        dm = rebuild_datamodule(ft_manifest, "finetune", trust=trust, missing=missing)
         query_names = class_names_of(dm)
-        finetune_data = finetune_data if finetune_data is not None else dm.train_dataloader()
+        finetune_data = finetune_data if finetune_data is not None else single_loader(dm.train_dataloader())
         if query_data is None:
             split = ft_manifest.get("query")
             if split not in QUERY_SPLITS:

@@ -95,6 +95,7 @@ def run_scoring(inputs: ScoringInputs, args: InfluenceArguments, snapshots: Snap
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
             "world_size": comm.world_size,
+            "threads": torch.get_num_threads(),  # torch intra-op threads of rank 0 (the timings depend on them)
             "fingerprints": prints,
             "identity": identity or {},
             "info": _plain(result.info),

@@ -5,6 +5,7 @@ Also the records that rebuild a module or datamodule from a snapshot, and data f
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import platform
 import shutil
@@ -32,7 +33,7 @@ FORMAT_VERSION = 1
 
 # -- records: how to rebuild a module or a datamodule ---------------------------------------------
 def class_record(obj: Any) -> Optional[Dict[str, Any]]:
-    """``{class_path, hparams, signature}`` for an object with saved hyperparameters, else None.
+    """``{class_path, hparams, signature}`` for an object that ``class_path(**hparams)`` rebuilds, else None.
 
     The hyperparameters are stored as a YAML read gives them back, so the signature (``trust.sign``, this
     user's key) covers exactly what ``rebuild`` will pass to the class.
@@ -46,7 +47,21 @@ def class_record(obj: Any) -> Optional[Dict[str, Any]]:
         return None
     cls = type(obj)
     plain = OmegaConf.to_container(OmegaConf.create(text))
+    if not _rebuilds(cls, plain):
+        return None
     return sign({"class_path": f"{cls.__module__}.{cls.__qualname__}", "hparams": plain})
+
+
+def _rebuilds(cls: type, hparams: Mapping[str, Any]) -> bool:
+    """Whether ``cls(**hparams)`` is a call that built the object: the saved hyperparameters fill the constructor's
+    arguments, and with none saved (no ``save_hyperparameters()``) only a constructor that takes none qualifies
+    (its defaults may not be the values the object was built with)."""
+    try:
+        signature = inspect.signature(cls)
+        signature.bind(**hparams)
+    except (TypeError, ValueError):
+        return False
+    return bool(hparams) or not signature.parameters
 
 
 def rebuild(record: Mapping[str, Any], kind: str, what: str, trust: Trust, hint: str) -> Any:

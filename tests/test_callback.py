@@ -68,7 +68,7 @@ def test_enforce_proximal_adds_alpha_times_displacement(pretrained):
     with torch.no_grad():
         w.add_(1.0)
     w.grad = torch.zeros_like(w)
-    cb.on_before_optimizer_step(None, fine, None)
+    cb.on_before_optimizer_step(None, fine, torch.optim.SGD(fine.parameters(), lr=0.1))
     assert torch.allclose(w.grad, torch.full_like(w, 0.5))
 
 

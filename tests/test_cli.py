@@ -1,10 +1,12 @@
 """The `msif` command: re-scoring from snapshots, reports to W&B offline, help and bad arguments."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from lightning_fixtures import TinyDataModule, TinyModule, trainer
 from reference import rel_err
 from wandb_offline import run_dir, table
@@ -45,6 +47,44 @@ def test_score_with_overrides(scored):
     scores, manifest = SnapshotDir(scored).read_scores()
     assert manifest.solver == "exact" and manifest.mode == "updated"  # mode kept from the last run
     assert rel_err(scores, MultiStageInfluence.load_scores(scored)) == 0.0
+
+
+def test_score_sets_the_torch_threads_for_its_run(scored):
+    """msif score scores with ``threads`` torch threads (1 by default, as the demo), then restores the count."""
+    torch.set_num_threads(2)
+    for given, used in ((["threads=1"], 1), ([], 1), (["threads=null"], 2)):
+        assert main(["score", f"snapshot_dir={scored}", *given, "report=false", "progress=false"]) == 0
+        assert SnapshotDir(scored).scores_record().threads == used and torch.get_num_threads() == 2
+    assert main(["score", f"snapshot_dir={scored}", "threads=0", "report=false", "progress=false"]) == 2
+
+
+@pytest.fixture(scope="module")
+def fixed_scored(tmp_path_factory) -> Path:
+    """Both stages in fixed mode (the backbone frozen while finetuning), scored."""
+    d = tmp_path_factory.mktemp("cli_fixed") / "msif"
+    trainer(callbacks=[PretrainingSnapshot(d, progress=False)], max_epochs=3).fit(TinyModule(),
+                                                                                  datamodule=TinyDataModule())
+    fine = load_pretrained(TinyModule(classes=2, init_seed=1, freeze_backbone=True), d)
+    cb = MultiStageInfluence(d, mode="fixed", damping=0.5, solver="exact", progress=False, report=False)
+    trainer(callbacks=[cb], max_epochs=3).fit(fine, datamodule=TinyDataModule(n=11, classes=2, seed=5))
+    return d
+
+
+@pytest.mark.parametrize("folder, args, message", [
+    ("fixed_scored", ["mode=updated", "alpha=0.5", "solver=cg"],
+     "mode='updated' assumes the shared embedding is finetuned .* none of its parameters were trained. score it "
+     "with mode=fixed"),
+    ("scored", ["mode=fixed"], r"mode='fixed' assumes .* \['backbone.0.weight', 'backbone.0.bias'\] were trained. "
+     "score it with mode=updated"),
+    ("scored", ["shared=head"], "shared='head', but the snapshots were taken with shared='backbone': drop the "
+     "setting or give shared=backbone"),
+], ids=["updated_on_fixed", "fixed_on_updated", "shared_prefix"])
+def test_score_refuses_settings_the_snapshots_contradict_before_any_work(request, folder, args, message, capsys):
+    d = request.getfixturevalue(folder)
+    scores = (d / "scores.safetensors").read_bytes()
+    assert main(["score", f"snapshot_dir={d}", *args, "progress=false"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert (d / "scores.safetensors").read_bytes() == scores and not (d / "work").exists()
 
 
 def test_report_to_wandb_offline(scored, tmp_path, wandb_env):

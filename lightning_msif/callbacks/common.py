@@ -1,14 +1,21 @@
-"""What both stages' callbacks do the same way: state, the training data, refusing unsupported strategies."""
+"""What both stages' callbacks do the same way: state, the training data and its loss, refusing unsupported
+strategies."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+import torch
+from torch import nn
+from torch.utils.data import IterableDataset
 
+from ..core.data import ExampleSource, dataset_of
+from ..core.objective import LossFn, Objective, evaluation, module_loss
 from ..errors import MSIFError
+from ..resolve import single_loader
 from ..snapshots import SnapshotDir
 
 
@@ -17,6 +24,7 @@ class StageCallback(Callback):
 
     STAGE = ""
     snapshots: SnapshotDir
+    loss_fn: Optional[LossFn]
 
     @property
     def snapshot_dir(self) -> Path:
@@ -29,6 +37,13 @@ class StageCallback(Callback):
     def state_dict(self) -> Dict[str, Any]:
         return {"stage": self.STAGE, "snapshot_dir": str(self.snapshot_dir)}
 
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Before the first step (the loaders are set up by now): training data or a loss that the scoring would
+        refuse after training is refused now. The global random state is restored after (reading a loader draws from
+        it), so training runs as it would without the check."""
+        with torch.random.fork_rng(devices=[]):
+            check_loss(pl_module, module_loss(pl_module, self.loss_fn), train_loader(trainer), self.STAGE)
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if state_dict.get("stage", self.STAGE) != self.STAGE:
             raise MSIFError(f"This checkpoint holds a {state_dict['stage']!r}-stage callback, not a {self.STAGE!r} one: "
@@ -36,12 +51,21 @@ class StageCallback(Callback):
 
 
 def train_loader(trainer: "pl.Trainer") -> Any:
-    """The training data of ``fit``: the datamodule's train loader, else the trainer's."""
-    if trainer.datamodule is not None:
-        return trainer.datamodule.train_dataloader()
-    loader = trainer.train_dataloader
-    iterables = getattr(loader, "iterables", None)  # a CombinedLoader around the user's loader
-    return iterables if iterables is not None and not isinstance(iterables, (dict, list)) else loader
+    """The training data of ``fit``: the datamodule's train loader, else the trainer's, as one loader."""
+    source = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+    return single_loader(source)
+
+
+def check_loss(module: nn.Module, loss_fn: LossFn, loader: Any, stage: str) -> None:
+    """The per-example loss of the first two training examples, in eval mode: one finite loss per example, or the
+    error the scoring would give after training. A stream (an iterable dataset) is left to the scoring, which reads
+    it once."""
+    dataset = dataset_of(loader)
+    if isinstance(dataset, IterableDataset):
+        return
+    objective = Objective(module, loss_fn, ExampleSource(loader, f"the {stage} training data"), role=stage)
+    with evaluation(module):
+        next(objective.batches(range(min(2, len(objective.source))), shard=False))
 
 
 def check_strategy(trainer: "pl.Trainer") -> None:

@@ -24,7 +24,7 @@ from ..distributed import current_comm
 from ..errors import MSIFError
 from ..reports.publish import report_scores
 from ..reports.render import Renderer
-from ..resolve import QUERY_SPLITS, identity_of, pretraining_side, query_loader
+from ..resolve import QUERY_SPLITS, check_mode, identity_of, pretraining_side, query_loader
 from ..scoring_job import ScoringInputs, run_scoring
 from ..snapshots import SnapshotDir, check_shared
 from ..trust import Trust
@@ -117,13 +117,7 @@ class MultiStageInfluence(StageCallback):
         manifest = self.snapshots.manifest("pretrain")
         check_shared(manifest, pl_module, args.shared)
         shared = {n: p for n, p in pl_module.named_parameters() if n in manifest.shared_params}
-        if args.mode == "fixed":
-            trainable = [n for n, p in shared.items() if p.requires_grad]
-            if trainable:
-                raise MSIFError(
-                    f"mode='fixed' assumes the shared embedding is frozen while finetuning, but {trainable[:3]} "
-                    "require gradients. Freeze it (requires_grad_(False)) or use mode='updated' with alpha."
-                )
+        check_mode(args.mode, shared, [n for n, p in shared.items() if p.requires_grad], snapshot=False)
 
         def prepare(dm: Any) -> None:
             if trainer.local_rank == 0:
@@ -148,13 +142,14 @@ class MultiStageInfluence(StageCallback):
 
     # -- during training -------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
-        """Updated mode with ``enforce_proximal``: the gradient of α/2‖θ − θ̂‖², added once per step."""
+        """Updated mode with ``enforce_proximal``: the gradient of α/2‖θ − θ̂‖², added once per step of the optimizer
+        that updates θ (with several optimizers, manual optimization, the others' steps leave θ's gradient alone)."""
         if not self._theta_hat:
             return
-        params = dict(pl_module.named_parameters())
-        for name, hat in self._theta_hat.items():
-            p = params[name]
-            if p.grad is not None:
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for name, p in pl_module.named_parameters():
+            hat = self._theta_hat.get(name)
+            if hat is not None and id(p) in stepped and p.grad is not None:
                 p.grad.add_(p.detach() - hat, alpha=self.arguments.alpha)
 
     # -- after training ----------------------------------------------------------------------------

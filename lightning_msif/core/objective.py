@@ -142,7 +142,10 @@ class Objective:
             raise MSIFError(
                 f"The {self.role} loss must return one loss per example (shape [{b}] for this batch) but "
                 f"returned {shape}. Use reduction='none', e.g. "
-                "F.cross_entropy(model(x), y, reduction='none')."
+                "F.cross_entropy(model(x), y, reduction='none'). A Hugging Face model's output .loss is the batch "
+                "mean: take the per-example losses from its .logits, e.g. F.cross_entropy(out.logits, "
+                "batch['labels'], reduction='none'), or drop per_example_loss/loss_fn to get exactly that for "
+                "dict batches with 'labels'."
             )
         self.assert_finite(out, "losses", idx)
         self._checked = True
@@ -385,12 +388,14 @@ def module_loss(module: nn.Module, loss_fn: Optional[LossFn] = None) -> LossFn:
         return loss_fn
 
     def default(m: nn.Module, batch: Any) -> torch.Tensor:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        labelled = isinstance(batch, (tuple, list)) and len(batch) >= 2 or isinstance(batch, dict) and "labels" in batch
+        if not labelled:
             raise MSIFError(
                 f"{type(module).__name__} gives no per-example loss for batches of type {type(batch).__name__}. "
                 "Give one of: (1) a method `per_example_loss(self, batch) -> Tensor[B]` on the module; "
                 "(2) `loss_fn=lambda model, batch: ...` (per-example losses, shape [B]) to the callback; "
-                "(3) (x, y) batches, for the default cross-entropy of model(x) against y."
+                "(3) (x, y) batches, for the default cross-entropy of model(x) against y, or dict batches with "
+                "'labels' (Hugging Face style), for the cross-entropy of model(**inputs).logits against them."
             )
         return cross_entropy_loss(m, batch)
 

@@ -9,7 +9,8 @@ model output's ``.logits`` when it has one). Outputs may be ``[B, C]`` or per to
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+import inspect
+from typing import Any, Dict, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,19 @@ class Task(Protocol):
         """``batch`` with its labels replaced by ``labels``."""
 
 
+def _check_keywords(model: nn.Module, inputs: Dict[str, Any]) -> None:
+    """A dict batch's inputs are passed as keywords: refuse a ``forward`` that does not take them, naming the fix."""
+    try:
+        inspect.signature(model.forward).bind(**inputs)
+    except TypeError as err:
+        raise MSIFError(
+            f"The default loss calls {type(model).__name__}(**batch without 'labels') for dict batches, but its "
+            f"forward{inspect.signature(model.forward)} does not take {sorted(inputs)} ({err}). Accept them as "
+            "keywords (def forward(self, input_ids, attention_mask=None) or def forward(self, **inputs)), or give "
+            "the module a per_example_loss(batch) -> Tensor[B]."
+        ) from None
+
+
 class ClassificationTask:
     """Softmax cross-entropy on logits: ``model(x)`` for tuple batches, ``model(**inputs)`` for dict batches."""
 
@@ -56,7 +70,9 @@ class ClassificationTask:
         if isinstance(batch, (tuple, list)):
             out = model(batch[0])
         elif isinstance(batch, dict):
-            out = model(**{k: v for k, v in batch.items() if k != "labels"})
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            _check_keywords(model, inputs)
+            out = model(**inputs)
         else:
             self.labels_of(batch)  # raises with the layouts it reads
         logits = getattr(out, "logits", out)
