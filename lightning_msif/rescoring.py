@@ -44,3 +44,27 @@ def rescore(snapshot_dir: PathLike, arguments: Optional[InfluenceArguments] = No
                              pretrain_data=pretrain_data, finetune_data=finetune_data, query_data=query_data,
                              loss_fn=loss_fn, trust=trust)
         return run_scoring(run.inputs, arguments, snapshots, comm, progress, run.identity)
+
+
+def check_settings(snapshots: SnapshotDir, arguments: InfluenceArguments) -> None:
+    """Settings the snapshots contradict, from their manifests alone: another shared prefix, or a mode the finetune
+    stage did not train in (a frozen θ scored in updated mode, a trained θ in fixed mode)."""
+    pretrain, finetune = snapshots.manifest("pretrain"), snapshots.manifest("finetune")
+    if arguments.shared != pretrain.shared:
+        raise MSIFError(f"shared={arguments.shared!r}, but the snapshots were taken with shared={pretrain.shared!r}: "
+                        f"drop the setting or give shared={pretrain.shared}.")
+    check_mode(arguments.mode, pretrain.shared_params, finetune.trainable, snapshot=True)
+
+
+@contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block, the previous count restored after (None: unchanged)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise MSIFError(f"threads={threads!r}: must be a whole number ≥ 1, or None for torch's default.")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
