@@ -14,6 +14,7 @@ from torch import nn
 
 from .core.data import class_names_of, dataset_of
 from .core.objective import LossFn, module_loss
+from .core.precision import compute_dtype
 from .errors import MSIFError
 from .scoring_job import ScoringInputs
 from .snapshots import SnapshotDir, check_fingerprint, rebuild
@@ -25,9 +26,19 @@ Prepare = Callable[[Any], None]
 on local rank 0 behind a barrier."""
 
 
+def stage_dtype(manifest: DictConfig, weights: Dict[str, torch.Tensor]) -> torch.dtype:
+    """The precision a stage was trained in: its shared parameters' dtype in the snapshot."""
+    return weights[next(iter(manifest.shared_params))].dtype
+
+
 def load_stage_module(manifest: DictConfig, weights: Dict[str, torch.Tensor], stage: str,
-                      module: Optional[nn.Module] = None) -> nn.Module:
-    """``module`` (rebuilt from the snapshot's record when None) with the snapshot's weights and trainable set."""
+                      module: Optional[nn.Module] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """``module`` (rebuilt from the snapshot's record when None) with the snapshot's weights and trainable set.
+
+    The weights load in the dtype they were trained in (a module rebuilt at the default dtype would round
+    float64 ones), are rounded to ``dtype`` when given (the finetune side's precision, so both stages hold
+    the same shared values) and held in that precision's compute dtype (``core.precision``).
+    """
     if module is None:
         if manifest.module is None:
             raise MSIFError(
@@ -36,7 +47,8 @@ def load_stage_module(manifest: DictConfig, weights: Dict[str, torch.Tensor], st
                 f"{stage} module explicitly (pretrain_model=... on the finetune callback)."
             )
         module = rebuild(manifest.module, f"{stage} module")
-    fit = module.load_state_dict(weights, strict=False)
+    trained = stage_dtype(manifest, weights)
+    fit = module.to(trained).load_state_dict(weights, strict=False)
     if fit.missing_keys or fit.unexpected_keys:
         raise MSIFError(
             f"The {stage} snapshot's weights do not fit the {stage} module: missing {fit.missing_keys[:5]}, "
@@ -45,7 +57,8 @@ def load_stage_module(manifest: DictConfig, weights: Dict[str, torch.Tensor], st
     trainable = set(manifest.trainable)
     for name, p in module.named_parameters():
         p.requires_grad_(name in trainable)  # θ/U/W follow what was trained in that stage
-    return module
+    precision = dtype or trained
+    return module.to(precision).to(compute_dtype(precision))
 
 
 def rebuild_datamodule(manifest: DictConfig, stage: str, prepare: Optional[Prepare] = None) -> Any:
@@ -83,10 +96,11 @@ class PretrainingSide:
 
 
 def pretraining_side(snapshots: SnapshotDir, *, module: Optional[nn.Module] = None, data: Any = None,
-                     prepare: Optional[Prepare] = None) -> PretrainingSide:
-    """The pretraining module and data (rebuilt from the snapshot's records unless given), fingerprint checked."""
+                     prepare: Optional[Prepare] = None, dtype: Optional[torch.dtype] = None) -> PretrainingSide:
+    """The pretraining module and data (rebuilt from the snapshot's records unless given), fingerprint checked;
+    ``dtype``: the finetune side's precision (``load_stage_module``)."""
     manifest, weights = snapshots.load_stage("pretrain")
-    module = load_stage_module(manifest, weights, "pretrain", module)
+    module = load_stage_module(manifest, weights, "pretrain", module, dtype)
     names = None
     if data is None:
         dm = rebuild_datamodule(manifest, "pretrain", prepare)
@@ -114,8 +128,8 @@ def identity_of(pretrain: DictConfig, finetune: DictConfig) -> Dict[str, str]:
 def from_snapshots(snapshots: SnapshotDir, *, pretrain_data: Any = None, finetune_data: Any = None,
                    query_data: Any = None, loss_fn: Optional[LossFn] = None) -> SnapshotRun:
     """Modules and data of both stages, rebuilt from the snapshots' records unless given."""
-    pre = pretraining_side(snapshots, data=pretrain_data)
     ft_manifest, ft_weights = snapshots.load_stage("finetune")
+    pre = pretraining_side(snapshots, data=pretrain_data, dtype=stage_dtype(ft_manifest, ft_weights))
     fine = load_stage_module(ft_manifest, ft_weights, "finetune")
     query_names = None
     if finetune_data is None or query_data is None:

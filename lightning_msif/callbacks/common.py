@@ -5,9 +5,11 @@ from pathlib import Path
 from typing import Any, Dict
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+from ..core.precision import floating_dtype
 from ..errors import MSIFError
 from ..snapshots import SnapshotDir
 
@@ -53,3 +55,11 @@ def check_strategy(trainer: "pl.Trainer") -> None:
             "the influence computation needs every parameter whole on each rank. Use strategy='ddp' "
             "(or 'auto' on one device)."
         )
+
+
+def trained_dtype(trainer: "pl.Trainer", module: "pl.LightningModule") -> torch.dtype:
+    """The dtype the trainer's precision plugin trains ``module``'s parameters in ("64-true": float64, "bf16-true":
+    bfloat16, mixed and "32-true": the module's own). The plugin converts the module only after the callbacks'
+    ``setup``; the dtype it converts inputs to is the one it converts the module to."""
+    own = floating_dtype(module) or torch.get_default_dtype()
+    return trainer.strategy.precision_plugin.convert_input(torch.zeros(0, dtype=own)).dtype
