@@ -62,7 +62,7 @@ def pretrained(request, tmp_path_factory):
 
 
 def _finetune(d, precision: str, mode: str) -> MultiStageInfluence:
-    cb = MultiStageInfluence(d, progress=False, report=False, **SETTINGS[mode])
+    cb = MultiStageInfluence(d, progress=False, report=False, enforce_proximal=mode == "updated", **SETTINGS[mode])
     _fit(precision, cb, Float32Blobs(n=11, classes=2, seed=5), d, classes=2, init_seed=1,
          freeze_backbone=mode == "fixed")
     return cb
@@ -159,4 +159,4 @@ def test_an_enclosing_autocast_does_not_lower_the_computation():
     plain = scores()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = scores()
-    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+    assert inside.dtype == torch.float32 and rel_err(inside, plain) <= 1e-5  # float32 noise; bf16 kernels gave 4e-2
