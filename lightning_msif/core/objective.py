@@ -49,6 +49,9 @@ class _Bound(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+_AUTOCAST_AVAILABLE = getattr(torch.amp, "is_autocast_available", lambda device: device in ("cpu", "cuda"))  # torch<2.4
+
+
 @contextmanager
 def evaluation(*models: nn.Module) -> Iterator[None]:
     """Eval mode (BatchNorm/Dropout frozen), autograd on even inside ``inference_mode``, autocast off on the models'
@@ -60,7 +63,7 @@ def evaluation(*models: nn.Module) -> Iterator[None]:
             m.eval()
         with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
             for device in sorted({p.device.type for m in models for p in m.parameters()}):
-                if torch.amp.is_autocast_available(device):
+                if _AUTOCAST_AVAILABLE(device):
                     stack.enter_context(torch.autocast(device, enabled=False))
             yield
     finally:
