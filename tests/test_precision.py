@@ -6,6 +6,7 @@ import pytest
 import torch
 from lightning_fixtures import TinyDataModule, TinyModule, trainer
 from reference import rel_err
+from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
 from lightning_msif import (MSIFError, MultiStageInfluence, PretrainingSnapshot, SnapshotDir, load_pretrained,
@@ -126,15 +127,20 @@ def test_a_backbone_rounded_before_conversion_is_refused_before_training(pretrai
     assert all(torch.equal(a, b.float()) for a, b in zip(before, module.parameters()))  # no training step ran
 
 
-def test_stored_gradients_of_a_bf16_model_are_float32(tmp_path):
-    """The pretraining callback's own computations (here the stored gradients) run on a float32 copy."""
+def test_the_pretraining_callbacks_computations_on_a_bf16_model_run_in_float32(tmp_path):
+    """Stored gradients, the fitted EK-FAC and the gradient index of a bf16 model come from a float32 copy."""
     dm = Float32Blobs()
-    _fit("bf16-true", PretrainingSnapshot(tmp_path, progress=False, store_gradients=True), dm)
-    stored = SnapshotDir(tmp_path).read_gradients(str(SnapshotDir(tmp_path).manifest("pretrain").weights.sha256),
-                                                  ["backbone.0.weight", "backbone.0.bias", "head.weight", "head.bias"])
+    _fit("bf16-true", PretrainingSnapshot(tmp_path, progress=False, store_gradients=True, curvature="ekfac",
+                                          index_dim=2), dm)
+    snapshots = SnapshotDir(tmp_path)
+    stored = snapshots.read_gradients(str(snapshots.manifest("pretrain").weights.sha256),
+                                      ["backbone.0.weight", "backbone.0.bias", "head.weight", "head.bias"])
     ref, _ = per_example_gradients(_float64(tmp_path, "pretrain"), dm.train_set, shared="backbone")
     assert stored.dtype == torch.float32
     assert rel_err(stored.double(), ref) <= 1e-5
+    (factors,) = (tmp_path / "pretrain" / "curvature").glob("ekfac-*.safetensors")
+    assert {t.dtype for t in load_file(factors).values()} == {torch.float32}
+    assert load_file(tmp_path / "pretrain" / "index" / "projection.safetensors")["0.a"].dtype == torch.float32
 
 
 def test_16_mixed_on_cpu_runs_as_bf16_mixed():
