@@ -15,13 +15,12 @@ from lightning_msif.core.influence import per_example_gradients
 
 EPOCHS = 2
 SETTINGS = {"fixed": dict(mode="fixed", damping=0.01), "updated": dict(mode="updated", alpha=0.5, damping=0.01)}
-TRAINED = {"64-true": torch.float64, "32-true": torch.float32, "bf16-true": torch.bfloat16,
-           "16-true": torch.float16, "bf16-mixed": torch.float32}
 TE = "transformer-engine"  # fp8 through NVIDIA Transformer Engine: CUDA and its package only
-TRAINED[TE] = torch.bfloat16
-PRECISIONS = [*TRAINED][:-1] + [pytest.param(TE, marks=pytest.mark.skipif(
-    not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None,
-    reason="transformer-engine needs a CUDA GPU and the transformer_engine package (not on CPU)"))]
+TRAINED = {"64-true": torch.float64, "32-true": torch.float32, "bf16-true": torch.bfloat16,
+           "16-true": torch.float16, "bf16-mixed": torch.float32, TE: torch.bfloat16}
+NEEDS_TE = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None,
+                              reason="transformer-engine needs CUDA and the transformer_engine package (not on CPU)")
+PRECISIONS = [pytest.param(p, marks=NEEDS_TE) if p == TE else p for p in TRAINED]
 # "16-mixed" runs as "bf16-mixed" on CPU (test below)
 
 
