@@ -14,6 +14,7 @@ from torch import nn
 
 from .core.data import class_names_of, dataset_of
 from .core.objective import LossFn, module_loss
+from .core.precision import compute_dtype
 from .errors import MSIFError
 from .scoring_job import ScoringInputs
 from .snapshots import SnapshotDir, check_fingerprint, rebuild
@@ -46,10 +47,21 @@ def admit(manifest: DictConfig, stage: str, trust: Trust, *, module: bool, data:
             trust.check(OmegaConf.to_container(record), f"{stage} {kind}", _hint(stage, kind))
 
 
+def stage_dtype(manifest: DictConfig, weights: Dict[str, torch.Tensor]) -> torch.dtype:
+    """The precision a stage was trained in: its shared parameters' dtype in the snapshot."""
+    return weights[next(iter(manifest.shared_params))].dtype
+
+
 def load_stage_module(manifest: DictConfig, weights: Dict[str, torch.Tensor], stage: str,
-                      module: Optional[nn.Module] = None, trust: Trust = Trust()) -> nn.Module:
+                      module: Optional[nn.Module] = None, dtype: Optional[torch.dtype] = None,
+                      trust: Trust = Trust()) -> nn.Module:
     """``module`` (rebuilt from the snapshot's record when None and ``trust`` admits it) with the snapshot's
-    weights and trainable set."""
+    weights and trainable set.
+
+    The weights load in the dtype they were trained in (a module rebuilt at the default dtype would round
+    float64 ones), are rounded to ``dtype`` when given (the finetune side's precision, so both stages hold
+    the same shared values) and held in that precision's compute dtype (``core.precision``).
+    """
     if module is None:
         if manifest.module is None:
             raise MSIFError(
@@ -58,7 +70,8 @@ def load_stage_module(manifest: DictConfig, weights: Dict[str, torch.Tensor], st
                 f"{stage} module explicitly ({_hint(stage, 'module')})."
             )
         module = _rebuild(manifest, stage, "module", trust)
-    fit = module.load_state_dict(weights, strict=False)
+    trained = stage_dtype(manifest, weights)
+    fit = module.to(trained).load_state_dict(weights, strict=False)
     if fit.missing_keys or fit.unexpected_keys:
         raise MSIFError(
             f"The {stage} snapshot's weights do not fit the {stage} module: missing {fit.missing_keys[:5]}, "
@@ -67,7 +80,8 @@ def load_stage_module(manifest: DictConfig, weights: Dict[str, torch.Tensor], st
     trainable = set(manifest.trainable)
     for name, p in module.named_parameters():
         p.requires_grad_(name in trainable)  # θ/U/W follow what was trained in that stage
-    return module
+    precision = dtype or trained
+    return module.to(precision).to(compute_dtype(precision))
 
 
 def rebuild_datamodule(manifest: DictConfig, stage: str, prepare: Optional[Prepare] = None,
@@ -147,12 +161,13 @@ class PretrainingSide:
 
 
 def pretraining_side(snapshots: SnapshotDir, *, module: Optional[nn.Module] = None, data: Any = None,
-                     prepare: Optional[Prepare] = None, trust: Trust = Trust()) -> PretrainingSide:
+                     prepare: Optional[Prepare] = None, dtype: Optional[torch.dtype] = None,
+                     trust: Trust = Trust()) -> PretrainingSide:
     """The pretraining module and data (rebuilt from the snapshot's records unless given, as far as ``trust``
-    admits), fingerprint checked."""
+    admits), fingerprint checked; ``dtype``: the finetune side's precision (``load_stage_module``)."""
     manifest, weights = snapshots.load_stage("pretrain")
     admit(manifest, "pretrain", trust, module=module is None, data=data is None)
-    module = load_stage_module(manifest, weights, "pretrain", module, trust)
+    module = load_stage_module(manifest, weights, "pretrain", module, dtype, trust)
     names = None
     if data is None:
         dm = rebuild_datamodule(manifest, "pretrain", prepare, trust)
@@ -185,8 +200,9 @@ def from_snapshots(snapshots: SnapshotDir, *, pretrain_model: Optional[nn.Module
     ft_manifest, ft_weights = snapshots.load_stage("finetune")
     admit(ft_manifest, "finetune", trust, module=finetune_model is None,
           data=finetune_data is None or query_data is None)
-    pre = pretraining_side(snapshots, module=pretrain_model, data=pretrain_data, trust=trust)
-    fine = load_stage_module(ft_manifest, ft_weights, "finetune", finetune_model, trust)
+    pre = pretraining_side(snapshots, module=pretrain_model, data=pretrain_data,
+                           dtype=stage_dtype(ft_manifest, ft_weights), trust=trust)
+    fine = load_stage_module(ft_manifest, ft_weights, "finetune", finetune_model, trust=trust)
     query_names = None
     if finetune_data is None or query_data is None:
         given = (("finetune_data", finetune_data), ("query_data", query_data))

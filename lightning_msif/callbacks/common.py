@@ -6,14 +6,15 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-import torch
 from torch import nn
 from torch.utils.data import IterableDataset
 
 from ..core.data import ExampleSource, dataset_of
 from ..core.objective import LossFn, Objective, evaluation, module_loss
+from ..core.precision import floating_dtype
 from ..errors import MSIFError
 from ..resolve import single_loader
 from ..snapshots import SnapshotDir
@@ -77,3 +78,11 @@ def check_strategy(trainer: "pl.Trainer") -> None:
             "the influence computation needs every parameter whole on each rank. Use strategy='ddp' "
             "(or 'auto' on one device)."
         )
+
+
+def trained_dtype(trainer: "pl.Trainer", module: "pl.LightningModule") -> torch.dtype:
+    """The dtype the trainer's precision plugin trains ``module``'s parameters in ("64-true": float64, "bf16-true":
+    bfloat16, mixed and "32-true": the module's own). The plugin converts the module only after the callbacks'
+    ``setup``; the dtype it converts inputs to is the one it converts the module to."""
+    own = floating_dtype(module) or torch.get_default_dtype()
+    return trainer.strategy.precision_plugin.convert_input(torch.zeros(0, dtype=own)).dtype

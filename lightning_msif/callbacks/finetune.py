@@ -28,7 +28,7 @@ from ..resolve import QUERY_SPLITS, check_mode, identity_of, pretraining_side, q
 from ..scoring_job import ScoringInputs, run_scoring
 from ..snapshots import SnapshotDir, check_shared
 from ..trust import Trust
-from .common import StageCallback, check_strategy, train_loader
+from .common import StageCallback, check_strategy, train_loader, trained_dtype
 
 
 class MultiStageInfluence(StageCallback):
@@ -124,18 +124,22 @@ class MultiStageInfluence(StageCallback):
                 dm.prepare_data()
             trainer.strategy.barrier("msif_prepare_pretrain_data")
 
+        dtype = trained_dtype(trainer, pl_module)  # both stages are scored as models of this precision
         pre = pretraining_side(self.snapshots, module=self.pretrain_model, data=self.pretrain_data, prepare=prepare,
-                               trust=self.trust)
+                               dtype=dtype, trust=self.trust)
         if args.mode == "fixed":
-            changed = [n for n, p in shared.items() if not torch.equal(p.detach().cpu(), pre.weights[n].to(p.dtype))]
+            changed = [n for n, p in shared.items()
+                       if not torch.equal(p.detach().cpu().to(dtype), pre.weights[n].to(dtype))]
             if changed:
                 raise MSIFError(
                     f"mode='fixed' needs the finetune module to start from the pretrained shared weights, but "
-                    f"{changed[:3]} differ from the pretraining snapshot. Load them first, e.g. "
-                    "lightning_msif.load_pretrained(module, snapshot_dir)."
+                    f"{changed[:3]} differ from the pretraining snapshot in the precision this trainer trains in "
+                    f"({dtype}). Load them first, e.g. lightning_msif.load_pretrained(module, snapshot_dir), into "
+                    "the module as it is trained (created under `with trainer.init_module():` for a '-true' "
+                    "precision), or use mode='updated'."
                 )
         if args.mode == "updated" and self.enforce_proximal:
-            self._theta_hat = {n: pre.weights[n].to(p.device, p.dtype) for n, p in shared.items()}
+            self._theta_hat = {n: pre.weights[n].to(p.device, dtype) for n, p in shared.items()}
         self._pretrain_manifest = pre.manifest
         self.pretrain_model, self.pretrain_data = pre.module, pre.data
         self._pretrain_class_names = pre.class_names

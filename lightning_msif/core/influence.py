@@ -29,6 +29,7 @@ from .data import ExampleSource
 from .index import AUTOCAST, INDEX_DTYPES, GradientIndex, IndexStore, capture_index, index_scores
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
 from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_shared
+from .precision import in_compute_dtype, scoring_pair
 from .projection import Projection
 from .scoring import DEFAULT_BLOCK, SCORING_BATCH_FACTOR, ScoreStore, agreed, cached, fastest_method, score_pass
 from .solvers import SOLVERS, solve
@@ -282,6 +283,7 @@ def capture_gradient_index(model: nn.Module, data: Any, store: IndexStore, *, sh
     if autocast is not None and autocast not in AUTOCAST:
         raise MSIFError(f"autocast must be one of {list(AUTOCAST)} or None, got {autocast!r}.")
     run = _Run(arguments or ScoreArguments(), progress, comm or LocalComm(), factors=factors)
+    model = in_compute_dtype(model)
     with evaluation(model):
         obj = run.objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "pretrain_data"), "pretraining")
         space = ParamSpace.of(obj.params, _trainable(model, shared))
@@ -353,6 +355,7 @@ def per_example_gradients(model: nn.Module, data: Any, *, shared: Optional[str] 
     stand in for its scoring pass (``pretrain_gradients=``).
     """
     run = _Run(ScoreArguments(chunk_size=chunk_size), progress, comm or LocalComm())
+    model = in_compute_dtype(model)
     with evaluation(model):
         obj = Objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "data"), "pretraining", run.comm,
                         chunk_size)
@@ -367,6 +370,7 @@ def fit_pretraining_curvature(model: nn.Module, data: Any, factors: FactorStore,
     ``factors`` so the finetune stage need not read the pretraining set for it; returns what was chosen."""
     run = _Run(arguments, progress, comm or LocalComm(), factors=factors)
     theta, rest = split_shared(model, shared, "pretraining")
+    model = in_compute_dtype(model)
     with evaluation(model):
         obj = run.objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "pretrain_data"), "pretraining")
         with run.phase("pretrain_curvature"):
@@ -400,6 +404,7 @@ def multistage_scores(
     args = arguments
     run = _Run(args, progress, comm or LocalComm(), store, factors)
     mode, alpha = args.mode, args.effective_alpha
+    pretrain_model, finetune_model = scoring_pair(pretrain_model, finetune_model)
     theta, u, w = check_same_shared(pretrain_model, finetune_model, args.shared)
     if mode == "fixed":
         check_fixed_backbone(pretrain_model, finetune_model, theta)
@@ -546,6 +551,7 @@ def compute_single_stage(
     run = _Run(args, progress, comm or LocalComm(), store)
     loss = loss_fn or cross_entropy_loss
     train_src, query_src = ExampleSource(train_data, "train_data"), ExampleSource(query_data, "query_data")
+    model = in_compute_dtype(model)
     with evaluation(model):
         train = run.objective(model, loss, train_src, "training")
         q = run.objective(model, query_fn or loss, query_src, "query")

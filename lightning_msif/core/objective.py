@@ -8,7 +8,7 @@ scoring: ``chunk_size`` example–query pairs × activations).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -49,14 +49,22 @@ class _Bound(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+_AUTOCAST_AVAILABLE = getattr(torch.amp, "is_autocast_available", lambda device: device in ("cpu", "cuda"))  # torch<2.4
+
+
 @contextmanager
 def evaluation(*models: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm/Dropout frozen), autograd on even inside ``inference_mode``; restored after."""
+    """Eval mode (BatchNorm/Dropout frozen), autograd on even inside ``inference_mode``, autocast off on the models'
+    devices (an enclosing mixed-precision region would otherwise compute in bfloat16/float16 what should run in
+    the models' dtype); restored after."""
     states = [m.training for m in models]
     try:
         for m in models:
             m.eval()
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
+            for device in sorted({p.device.type for m in models for p in m.parameters()}):
+                if _AUTOCAST_AVAILABLE(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
             yield
     finally:
         for m, s in zip(models, states):
