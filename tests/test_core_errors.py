@@ -173,16 +173,18 @@ def _with(data: TensorDataset, row: int, value: float) -> TensorDataset:
 
 
 def test_nan_in_the_data(case):
+    """Every example is checked before any solve: a NaN/inf input is named by its dataset index, first batch or not."""
     pre, fine, pt, ft, q = case
-    with _raises(r"NaN/inf in the pretraining losses at dataset indices \[2\]"):
+    data = r"\. The data is the problem: fix or drop those examples of"
+    with _raises(rf"NaN/inf in the pretraining input data at dataset indices \[2\]{data} pretrain_data"):
         _run(pre, fine, _with(pt, 2, float("nan")), ft, q)
-    with _raises(r"NaN/inf in the query .* at dataset indices \[4\]"):  # not in the first batch
+    with _raises(rf"NaN/inf in the query input data at dataset indices \[4\]{data} query_data"):
         _run(pre, fine, pt, ft, _with(q, 4, float("inf")))
-    with _raises(r"NaN/inf"):  # past the first batch: met in a Hessian-vector product
+    with _raises(rf"NaN/inf in the pretraining input data at dataset indices \[10\]{data}"):  # a late batch
         _run(pre, fine, _with(pt, 10, float("nan")), ft, q)
-    with _raises(r"NaN/inf"):
+    with _raises(rf"NaN/inf in the finetune input data at dataset indices \[9\]{data}"):
         _run(pre, fine, pt, _with(ft, 9, float("-inf")), q, mode="updated", alpha=1.0, solver="cg")
-    with _raises(r"NaN/inf"):
+    with _raises(rf"NaN/inf in the training input data at dataset indices \[12\]{data} train_data"):
         single_stage_influence(pre, loader(_with(pt, 12, float("nan"))), loader(q), solver="lissa", damping=0.1)
 
 
