@@ -253,7 +253,9 @@ class Objective:
             return (f"The model's weights hold NaN/inf ({broken[:3]}): a diverged training run; retrain or load "
                     "finite weights.")
         if what == "input data":
-            return f"The data is the problem: fix or drop those examples of {self.source.name}."
+            overflow = f" (or too large for the model's {self.dtype}, which they are cast to)" if (
+                self.dtype in LOW_PRECISION) else ""
+            return f"The data is the problem{overflow}: fix or drop those examples of {self.source.name}."
         return (f"The model's weights are finite, so the data is the problem: fix or drop those examples of "
                 f"{self.source.name} (an extreme input, log(0), a division by zero in the loss on them).")
 
