@@ -11,7 +11,7 @@ from reference import loader, trained_problem
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
-from lightning_msif import MSIFError, multistage_influence, per_example_gradients, single_stage_influence
+from lightning_msif import MSIFError, multistage_influence, single_stage_influence
 from lightning_msif.core.arguments import InfluenceArguments
 from lightning_msif.core.solvers import SOLVERS, Solver, register_solver
 
@@ -40,6 +40,7 @@ def _raises(*words: str):
     (dict(curvature="ekfac", relative_damping=float("inf")), ("relative_damping must be a finite number ≥ 0",)),
     (dict(curvature="kfac", fisher_seed="0"), ("fisher_seed must be an integer ≥ 0", r"\(a str\)")),
     (dict(chunk_size=8.0), ("chunk_size must be a positive integer", "got 8.0")),
+    (dict(chunk_size=-1), ("chunk_size must be a positive integer", "got -1")),
     (dict(hessian_samples=True), ("hessian_samples must be a positive integer", r"True \(a bool\)")),
     (dict(damping=float("inf")), ("damping must be a finite number ≥ 0", "got inf")),
 ])
@@ -61,14 +62,6 @@ def _as_fields(setting: dict) -> dict:
     solver, curvature = InfluenceArguments.split_options({k: v for k, v in setting.items() if k not in names})
     plain = {k: v for k, v in setting.items() if k in names}
     return {**plain, "solver_options": solver, "curvature_options": curvature}
-
-
-def test_every_entry_point_checks_chunk_size(case):
-    pre, _fine, pt, _ft, q = case
-    with _raises("chunk_size must be a positive integer", "got -1"):
-        single_stage_influence(pre, loader(pt), loader(q), chunk_size=-1)
-    with _raises("chunk_size must be a positive integer", "got 0"):
-        per_example_gradients(pre, loader(pt), chunk_size=0)
 
 
 # -- data a loader does not pass whole, or passes in another form --------------------------------------------
