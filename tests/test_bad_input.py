@@ -216,6 +216,9 @@ def test_a_layer_without_the_autodiff_a_curvature_needs(curvature, mode):
         single_stage_influence(model, loader(data), loader(data), curvature=curvature, solver="cg", damping=0.1)
     scores = single_stage_influence(model, loader(data), loader(data), curvature="ekfac", damping=0.1)
     assert torch.isfinite(scores).all()
+    with _raises("scoring='jvp' with gradients='func' needs forward-mode", r"emb \(EmbeddingBag\)", "scoring='grad'"):
+        single_stage_influence(model, loader(data), loader(data), curvature="ekfac", damping=0.1, scoring="jvp",
+                               gradients="func")
 
 
 def test_low_precision_names_precision_not_damping(case):

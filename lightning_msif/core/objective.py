@@ -77,22 +77,23 @@ def precision_cause(dtype: torch.dtype) -> str:
             "influence computation, e.g. model.float() (model.double() for the most accurate scores).")
 
 
-def autodiff_refusal(err: NotImplementedError, model: nn.Module, what: str) -> MSIFError:
+def autodiff_refusal(err: NotImplementedError, model: nn.Module, what: str, instead: str) -> Optional[MSIFError]:
     """The error of ``what`` (a curvature, a scoring) meeting a layer of ``model`` that lacks the automatic
-    differentiation it needs (e.g. ``nn.EmbeddingBag`` has no forward mode): the layer, and what works instead."""
+    differentiation it needs (e.g. ``nn.EmbeddingBag`` has no forward mode): the layer, and ``instead``, what works.
+    None when ``err`` is not PyTorch's missing-derivative error (then it is re-raised as it is)."""
     text = str(err)
     found = _AUTODIFF_OP.search(text)
-    op = next((g for g in found.groups() if g), "") if found else ""
+    if found is None:
+        return None
+    op = next(g for g in found.groups() if g)
     kind = op.strip("_").replace("_backward", "").replace("_", "")  # _embedding_bag_backward → embeddingbag
     layers = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
               if kind and name and type(m).__name__.lower() == kind]
     mode = "forward-mode differentiation (jvp)" if "forward AD" in text else "second-order differentiation"
-    culprit = ", ".join(layers[:3]) or f"an operation of the model ({op or text.splitlines()[0][:120]})"
-    return MSIFError(
-        f"{what} needs {mode} through every layer, but {culprit} does not support it in this PyTorch. Use "
-        "curvature='ekfac' or curvature='kfac' (first-order module hooks only), or replace the layer with one that "
-        "supports it (e.g. nn.EmbeddingBag by nn.Embedding and a mean)."
-    )
+    culprit = ", ".join(layers[:3]) or f"an operation of the model ({op})"
+    return MSIFError(f"{what} needs {mode} through every layer, but {culprit} does not support it in this PyTorch. "
+                     f"Use {instead}, or replace the layer with one that supports it (e.g. nn.EmbeddingBag by "
+                     "nn.Embedding and a mean).")
 
 
 def _one_dtype(params: Params, role: str) -> torch.dtype:
@@ -439,9 +440,11 @@ class Objective:
                     continue
                 except (RuntimeError, NotImplementedError) as err:  # forward mode unsupported: hooks instead
                     if self.engine == "func":
-                        if isinstance(err, NotImplementedError):
-                            raise autodiff_refusal(err, self.bound.model,
-                                                   "scoring='jvp' with gradients='func'") from err
+                        refusal = isinstance(err, NotImplementedError) and autodiff_refusal(
+                            err, self.bound.model, "scoring='jvp' with gradients='func'",
+                            "scoring='grad', or gradients='auto' (module hooks where torch.func fails)")
+                        if refusal:
+                            raise refusal from err
                         raise
                     self._use_hooks(err)
             out.append(self.example_grad_dots(space, vectors, sub))

@@ -60,7 +60,11 @@ def solve(op: Curvature, rhs: torch.Tensor, solver: str, options: Any,
     try:
         x, info = impl.run(op, rhs, options, progress)
     except NotImplementedError as err:  # a layer without the autodiff this curvature's products need
-        raise autodiff_refusal(err, op.objective.bound.model, f"curvature={op.name!r}") from err
+        refusal = autodiff_refusal(err, op.objective.bound.model, f"curvature={op.name!r}",
+                                   "curvature='ekfac' or curvature='kfac' (first-order module hooks only)")
+        if refusal is None:
+            raise
+        raise refusal from err
     if not torch.isfinite(x).all():
         fix = precision_cause(op.objective.dtype) or ("Add damping (damping=1e-3 or more) or check the model for "
                                                       "non-finite weights.")
