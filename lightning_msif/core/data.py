@@ -6,7 +6,8 @@ but must visit every example once (one that subsets or repeats examples is refus
 train on the dataset the rows would stand for). ``batch_size=None`` (items one at a time) is read like an
 iterable, in index order. Any other iterable (a list, a generator) is read once and kept in
 memory, its examples numbered in the order they came: an item whose tensors share a leading dimension is
-a batch and is cut into examples, any other item (a 0-d label, a Python number) is one example.
+a batch and is cut into examples; an item with a 0-d tensor or a Python number (a label), or tensors of
+different lengths, is one example.
 """
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ def batch_size_of(batch: Any) -> int:
 
 
 def is_batch(item: Any) -> bool:
-    """Whether ``item`` is a batch: every leaf a tensor with a leading dimension, all of the same size."""
+    """Whether ``item`` is a batch: its tensors share a leading dimension, and no leaf is a 0-d tensor or a Python
+    number (an example's label). Other leaves (strings) do not decide."""
     leaves = tree_flatten(item)[0]
-    sizes = {t.shape[0] if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in leaves}
-    return bool(leaves) and len(sizes) == 1 and None not in sizes
+    sizes = {t.shape[0] if t.dim() > 0 else None for t in leaves if isinstance(t, torch.Tensor)}
+    numbers = any(isinstance(t, (int, float)) for t in leaves)
+    return len(sizes) == 1 and None not in sizes and not numbers
 
 
 class _ExampleList(Dataset):
