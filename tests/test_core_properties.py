@@ -93,7 +93,7 @@ def _reversed_loader(data: TensorDataset, batch_size: int) -> DataLoader:
     lambda d: loader(d, 64, shuffle=True),
     lambda d: _reversed_loader(d, 5),
     lambda d: d,  # a map-style Dataset, no loader
-    lambda d: DataLoader(d, batch_sampler=[[0, 2], [1, 3, 5], list(range(4, len(d)))[::-1]]),
+    lambda d: DataLoader(d, batch_sampler=[[0, 2], [1, 3], list(range(4, len(d)))[::-1]]),  # each example once
     lambda d: DataLoader([(d.tensors[0][i : i + 4], d.tensors[1][i : i + 4]) for i in range(0, len(d), 4)],
                          batch_size=None),  # items that are already batches
 ], ids=["batch1", "batch3-shuffled", "batch64-shuffled", "batch5-reversed-sampler", "dataset", "batch-sampler",

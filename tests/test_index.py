@@ -228,7 +228,7 @@ def test_lowrank_scoring_is_exact_at_full_rank_and_approaches_it_with_the_rank()
         assert got.info["scoring"] == "lowrank"
         errors[rank] = rel_err(got.scores, ref.scores)
     assert errors[1] > errors[2] > 1e-6 and errors[4] <= 1e-12, errors
-    with pytest.raises(MSIFError, match="query_rank must be a whole number"):
+    with pytest.raises(MSIFError, match="query_rank must be a positive integer"):
         compute_multistage(pre, fine, loader(pt), loader(ft), loader(q), scoring="lowrank", query_rank=0, **settings)
 
 
@@ -283,10 +283,10 @@ def test_a_capture_under_bfloat16_autocast_is_close_to_the_full_precision_one():
 
 
 def test_a_non_finite_or_overflowing_example_is_named_by_its_dataset_index():
-    """NaN in an input (caught at its loss), and a gradient too large for a float16 index (caught in its rows)."""
+    """NaN in an input (caught in the input), and a gradient too large for a float16 index (caught in its rows)."""
     model, data, obj, space = _everything()
     image, ids, y = data.tensors
-    for scale, dtype, what in ((float("nan"), "float32", "losses"), (1e7, "float16", "projected gradients")):
+    for scale, dtype, what in ((float("nan"), "float32", "input data"), (1e7, "float16", "projected gradients")):
         changed = image.clone()
         changed[6] *= scale  # NaN everywhere in example 6, or its image 10⁷ times larger
         bad = Objective(model, _loss, ExampleSource(DataLoader(TensorDataset(changed, ids, y), batch_size=4), "data"),

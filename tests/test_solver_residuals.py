@@ -101,7 +101,7 @@ def test_lissa_with_too_few_terms_warns_with_the_measured_residual():
 def test_lissa_tol_only_decides_the_warning():
     loose, residual, messages = _solve(_operator(), "lissa", lissa_depth=3, lissa_tol=0.9)
     assert not messages and loose["converged"] and loose["relative_residual"] == pytest.approx(residual, rel=1e-6)
-    with pytest.raises(MSIFError, match=r"lissa_tol must be > 0, got 0"):
+    with pytest.raises(MSIFError, match=r"lissa_tol must be a finite number > 0, got 0"):
         InfluenceArguments(solver="lissa", solver_options={"lissa_tol": 0})
 
 

@@ -11,14 +11,13 @@ options are checked by the plug-in that declares them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import MSIFError
 from .curvature import CURVATURES
-from .registry import Registry
+from .registry import Registry, check_float, check_int
 from .solvers import SOLVERS
 
 AUTO = "auto"
@@ -32,10 +31,6 @@ def setting(default: Any, help: str, *, factory: bool = False) -> Any:
     if factory:
         return field(default_factory=default, metadata={"help": help})
     return field(default=default, metadata={"help": help})
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _choice(kind: str, value: Any, allowed: Sequence[str]) -> None:
@@ -57,7 +52,8 @@ class ScoreArguments:
         "solver_options.lissa_depth=2000", factory=True)
     curvature_options: Dict[str, Any] = setting(
         dict, "options of the curvatures, e.g. curvature_options.rhs_chunk_size=128", factory=True)
-    hessian_samples: Optional[int] = setting(None, "curvature from a fixed random subset of this many examples (null: all)")
+    hessian_samples: Optional[int] = setting(None, "curvature from a fixed random subset of this many examples "
+                                                   "(null: all)")
     chunk_size: Optional[int] = setting(None, "examples per vectorised gradient chunk (null: sized by memory)")
     scoring: str = setting("auto", "scoring pass: auto | grad (per-example gradients) | jvp (forward mode per query) | "
                                    "lowrank (each query's vector at rank query_rank per layer, no full gradients)")
@@ -66,15 +62,14 @@ class ScoreArguments:
                                      "module hooks) | func | hooks")
 
     def __post_init__(self) -> None:
-        if not _number(self.damping) or not self.damping >= 0 or math.isinf(self.damping):
-            raise MSIFError(f"damping must be a number ≥ 0 (it is added to every inverted Hessian), got {self.damping!r}.")
+        check_float("damping", self.damping, strict=False, meaning="it is added to every inverted Hessian")
         object.__setattr__(self, "damping", float(self.damping))
         _choice("curvature", self.curvature, (AUTO, *CURVATURES.names()))
         _choice("solver", self.solver, (AUTO, *SOLVERS.names()))
         _choice("scoring", self.scoring, SCORING)
-        if isinstance(self.query_rank, bool) or not isinstance(self.query_rank, int) or self.query_rank < 1:
-            raise MSIFError(f"query_rank must be a whole number ≥ 1 (the rank per layer of each query with "
-                            f"scoring='lowrank'), got {self.query_rank!r}.")
+        check_int("query_rank", self.query_rank, meaning="the rank per layer of each query with scoring='lowrank'")
+        check_int("hessian_samples", self.hessian_samples, optional=True, meaning="None: every example")
+        check_int("chunk_size", self.chunk_size, optional=True, meaning="examples per gradient chunk; None: by memory")
         _choice("gradients", self.gradients, GRADIENTS)
         for name in ("solver_options", "curvature_options"):
             value = getattr(self, name)
@@ -83,10 +78,6 @@ class ScoreArguments:
             object.__setattr__(self, name, dict(value))
         SOLVERS.check_options(self.solver_options)
         CURVATURES.check_options(self.curvature_options)
-        for name in ("hessian_samples", "chunk_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise MSIFError(f"{name} must be a positive integer or None (all data / by memory), got {value!r}.")
 
     # -- what the computation takes from it ---------------------------------------------------------
     def solver_options_of(self, name: str) -> Any:
@@ -143,11 +134,13 @@ class InfluenceArguments(ScoreArguments):
                 "without a trailing dot, e.g. shared='backbone' for parameters 'backbone.*'."
             )
         _choice("mode", self.mode, MODES)
-        if self.mode == "updated" and (not _number(self.alpha) or not self.alpha > 0 or math.isinf(self.alpha)):
+        if self.mode == "updated" and self.alpha is None:
             raise MSIFError(
-                f"mode='updated' needs alpha > 0, the strength of the proximal term α/2‖θ − θ̂‖² that ties the "
-                f"finetuned embedding to the pretrained one; got alpha={self.alpha!r}. Pass e.g. alpha=0.1."
+                "mode='updated' needs alpha > 0, the strength of the proximal term α/2‖θ − θ̂‖² that ties the "
+                "finetuned embedding to the pretrained one; got alpha=None. Pass e.g. alpha=0.1."
             )
+        check_float("alpha", self.alpha, optional=True,
+                    meaning="the proximal strength of mode='updated', e.g. alpha=0.1; None in fixed mode")
         super().__post_init__()
 
     @property

@@ -73,6 +73,16 @@ class _Run:
         self.objectives.append(obj)
         return obj
 
+    def validate(self, *objectives: Objective) -> None:
+        """Every example of each objective's data checked by one forward pass (``Objective.validate``), before
+        any gradient, curvature or solve: bad data is named by its dataset index, not met deep in a solve."""
+        with self.phase("data_checks"):
+            for obj in objectives:
+                bar = self.bar(len(obj.source), f"checking {obj.source.name}")
+                obj.validate(bar)
+                if bar is not None:
+                    bar.close()
+
     def record_engines(self) -> None:
         self.info["per_example_gradients"] = {o.role: o.engine_note or o.engine for o in self.objectives}
 
@@ -360,6 +370,7 @@ def per_example_gradients(model: nn.Module, data: Any, *, shared: Optional[str] 
         obj = Objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "data"), "pretraining", run.comm,
                         chunk_size)
         names = _trainable(model, shared)
+        run.validate(obj)
         return _gradients(obj, ParamSpace.of(obj.params, names), run), names
 
 
@@ -376,6 +387,16 @@ def fit_pretraining_curvature(model: nn.Module, data: Any, factors: FactorStore,
         with run.phase("pretrain_curvature"):
             run.curvature("pretrain", obj, ParamSpace.of(obj.params, theta + rest))
     return {**run.info["curvature"]["pretrain"], "seconds": run.info["seconds"]["pretrain_curvature"]}
+
+
+def check_same_dtype(pt: Objective, ft: Objective) -> None:
+    """Both stages in one floating dtype: they share θ, and the pretraining solve takes the finetune side's vectors."""
+    if pt.dtype != ft.dtype:
+        raise MSIFError(
+            f"The pretraining model is {pt.dtype} but the finetune model {ft.dtype}: the stages share θ and one solve "
+            "spans both, so they need one dtype. Cast one to the other's, e.g. pretrain_model.to(torch.float64) and "
+            "finetune_model.to(torch.float64) (float64 gives the most accurate scores)."
+        )
 
 
 def multistage_scores(
@@ -415,6 +436,8 @@ def multistage_scores(
         pt = run.objective(pretrain_model, pt_loss, sources[0], "pretraining")
         ft = run.objective(finetune_model, ft_loss, sources[1], "finetune")
         q = run.objective(finetune_model, query_fn or ft_loss, sources[2], "query")
+        check_same_dtype(pt, ft)
+        run.validate(q, ft, *([pt] if index is None else []))  # an index stands for the pretraining data
         ft_space, pt_space = ParamSpace.of(ft.params, theta + w), ParamSpace.of(pt.params, theta + u)
         theta_dim = ParamSpace.of(pt.params, theta).dim
         run.info.update(mode=mode, alpha=alpha, n_pretrain=len(sources[0]), n_finetune=len(sources[1]),
@@ -558,6 +581,7 @@ def compute_single_stage(
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not names:
             raise MSIFError("The model has no trainable parameter (requires_grad=True): nothing to differentiate.")
+        run.validate(q, *([train] if index is None else []))
         space = ParamSpace.of(train.params, names)
         run.info.update(mode="single", n_pretrain=len(train_src), n_query=len(query_src), dim=space.dim)
         scores = _solve_and_score(train, space, lambda: _gradients(q, space, run), run, index=index)

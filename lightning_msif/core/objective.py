@@ -8,13 +8,14 @@ scoring: ``chunk_size`` example–query pairs × activations).
 """
 from __future__ import annotations
 
+import re
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import MSIFError
 from .comm import Communicator, LocalComm, shard_range
@@ -71,6 +72,47 @@ def evaluation(*models: nn.Module) -> Iterator[None]:
             m.train(s)
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+_AUTODIFF_OP = re.compile(r"forward AD with (\w+)|derivative for '(\w+)'")
+
+
+def precision_cause(dtype: torch.dtype) -> str:
+    """For a float16/bfloat16 model, the sentence that names its precision as the cause and the fix; else ''."""
+    if dtype not in LOW_PRECISION:
+        return ""
+    return (f"The model is {str(dtype).replace('torch.', '')}: about 3 significant digits cannot hold its curvature, "
+            "so precision, not damping, is the cause. Cast the model (its data follows) to float32 or float64 for the "
+            "influence computation, e.g. model.float() (model.double() for the most accurate scores).")
+
+
+def autodiff_refusal(err: NotImplementedError, model: nn.Module, what: str, instead: str) -> Optional[MSIFError]:
+    """The error of ``what`` (a curvature, a scoring) meeting a layer of ``model`` that lacks the automatic
+    differentiation it needs (e.g. ``nn.EmbeddingBag`` has no forward mode): the layer, and ``instead``, what works.
+    None when ``err`` is not PyTorch's missing-derivative error (then it is re-raised as it is)."""
+    text = str(err)
+    found = _AUTODIFF_OP.search(text)
+    if found is None:
+        return None
+    op = next(g for g in found.groups() if g)
+    kind = op.strip("_").replace("_backward", "").replace("_", "")  # _embedding_bag_backward → embeddingbag
+    layers = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+              if kind and name and type(m).__name__.lower() == kind]
+    mode = "forward-mode differentiation (jvp)" if "forward AD" in text else "second-order differentiation"
+    culprit = ", ".join(layers[:3]) or f"an operation of the model ({op})"
+    return MSIFError(f"{what} needs {mode} through every layer, but {culprit} does not support it in this PyTorch. "
+                     f"Use {instead}, or replace the layer with one that supports it (e.g. nn.EmbeddingBag by "
+                     "nn.Embedding and a mean).")
+
+
+def _one_dtype(params: Params, role: str) -> torch.dtype:
+    """The one floating dtype of a model's parameters (every flat vector and solve is in it)."""
+    floating = {str(p.dtype): p.dtype for p in params.values() if p.is_floating_point()}
+    if len(floating) > 1:
+        raise MSIFError(f"The {role} model's parameters mix dtypes {sorted(floating)}: influence needs one. Cast "
+                        "the model, e.g. model.double() or model.float(), before passing it.")
+    return next(iter(floating.values()), next(iter(params.values())).dtype)
+
+
 def _batch_dims(batch: Any) -> Any:
     return tree_map(lambda t: 0 if isinstance(t, torch.Tensor) and t.dim() > 0 else None, batch)
 
@@ -96,7 +138,7 @@ class Objective:
             raise MSIFError(f"The {role} model has no trainable parameter (it has no parameters at all): "
                             "pass the nn.Module whose influence you want.")
         first = next(iter(self.params.values()))
-        self.device, self.dtype = first.device, first.dtype
+        self.device, self.dtype = first.device, _one_dtype(self.params, role)
         self.source = source
         self.role = role
         self.comm = comm or LocalComm()
@@ -139,11 +181,24 @@ class Objective:
                                                                                                 seed)))
 
     def _check(self, batch: Any, idx: torch.Tensor) -> None:
-        """Once per objective: the loss is per-example and finite on a real batch."""
-        if self._checked:
-            return
+        """Once per objective: the first batch passes ``check_batch``."""
+        if not self._checked:
+            self.check_batch(batch, idx)
+            self._checked = True
+
+    def check_batch(self, batch: Any, idx: torch.Tensor) -> None:
+        """The examples of a device batch are finite, the model takes them, and their losses are one finite
+        value per example; else an error naming their dataset indices ``idx``."""
+        for t in tree_flatten(batch)[0]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0:
+                self.assert_finite(t, "input data", idx)
         with torch.no_grad():
-            out = self.losses({}, batch)
+            try:
+                out = self.losses({}, batch)
+            except MSIFError:
+                raise
+            except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as err:
+                raise self._untakeable(batch, idx, err) from err
         b = batch_size_of(batch)
         if not isinstance(out, torch.Tensor) or out.shape != (b,):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -156,17 +211,72 @@ class Objective:
                 "dict batches with 'labels'."
             )
         self.assert_finite(out, "losses", idx)
-        self._checked = True
+
+    def _untakeable(self, batch: Any, idx: torch.Tensor, err: BaseException) -> MSIFError:
+        """The error of a batch the model or loss fails on: its examples tried one by one, the failing ones named."""
+        failing = []
+        with torch.no_grad():
+            for i in range(batch_size_of(batch)):
+                try:
+                    self.losses({}, slice_batch(batch, i, i + 1))
+                except Exception:  # any failure of this example alone marks it
+                    failing.append(int(idx[i]))
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) else type(err).__name__
+        if failing and len(failing) < len(idx):
+            where = (f"at dataset indices {failing[:5]} ({reason}). The other examples of their batch work, so the "
+                     "data is the problem: a label outside the model's outputs, or an input unlike the others")
+        else:
+            where = (f"at dataset indices {idx[:5].tolist()}, every one of their batch ({reason}). The data does not "
+                     "fit the model: inputs of another shape or dtype than it was built for, or labels outside its "
+                     "outputs")
+        return MSIFError(f"The {self.role} model and loss fail on the {self.source.name} examples {where}. Fix or "
+                         "drop those examples, or pass the data (or the model) this computation is meant for.")
+
+    def validate(self, progress: Optional[Any] = None) -> None:
+        """Every example of this rank's share through ``check_batch``, one forward pass without gradients, so bad
+        data is named by its dataset index before any gradient, curvature or solve. Ranks agree on the outcome: a
+        rank with good data raises too (no rank is left waiting in a collective)."""
+        error: Optional[MSIFError] = None
+        self._checked = True  # every batch is checked here
+        try:
+            for batch, idx in self.batches(range(len(self.source)), progress):
+                self.check_batch(batch, idx)
+        except MSIFError as err:
+            error = err
+        failed = self.comm.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=self.device))
+        if error is not None:
+            raise error
+        if float(failed.sum()) > 0:
+            raise MSIFError(f"Another process found bad {self.source.name} examples (its message names them).")
 
     def assert_finite(self, t: torch.Tensor, what: str, idx: torch.Tensor) -> None:
+        """``t`` (one row per example of ``idx``) is finite; else an error naming the examples, and whether the
+        weights or the data are to blame."""
         bad = ~torch.isfinite(t)
         if bad.any():
             rows = bad.reshape(bad.shape[0], -1).any(dim=1) if t.dim() else bad.reshape(1)
             where = idx[rows.cpu()][:5].tolist() if t.dim() else idx[:5].tolist()
-            raise MSIFError(
-                f"NaN/inf in the {self.role} {what} at dataset indices {where}. Check the model "
-                "weights and those examples (a diverged training run, log(0), a division by zero)."
-            )
+            raise MSIFError(f"NaN/inf in the {self.role} {what} at dataset indices {where}. {self._blame(what)}")
+
+    def _blame(self, what: str) -> str:
+        """What to check after non-finite values: the weights where they are not finite, else the data."""
+        broken = [n for n, p in self.params.items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if broken:
+            return (f"The model's weights hold NaN/inf ({broken[:3]}): a diverged training run; retrain or load "
+                    "finite weights.")
+        if what == "input data":
+            overflow = f" (or too large for the model's {self.dtype}, which they are cast to)" if (
+                self.dtype in LOW_PRECISION) else ""
+            return f"The data is the problem{overflow}: fix or drop those examples of {self.source.name}."
+        return (f"The model's weights are finite, so the data is the problem: fix or drop those examples of "
+                f"{self.source.name} (an extreme input, log(0), a division by zero in the loss on them).")
+
+    def curvature_refusal(self, what: str) -> MSIFError:
+        """The error of a non-finite curvature product (``what``) on data whose losses were finite."""
+        cause = precision_cause(self.dtype) or (
+            "The examples and their losses are finite, so the curvature is not: check the loss for points without "
+            "a second derivative and the weights for a diverged run (damping cannot repair NaN/inf).")
+        return MSIFError(f"NaN/inf in {what} of the {self.role} loss. {cause}")
 
     def batches(self, indices: Sequence[int], progress: Optional[Any] = None, shard: bool = True,
                 batch_size: Optional[int] = None) -> Iterator[tuple]:
@@ -338,6 +448,11 @@ class Objective:
                     continue
                 except (RuntimeError, NotImplementedError) as err:  # forward mode unsupported: hooks instead
                     if self.engine == "func":
+                        refusal = isinstance(err, NotImplementedError) and autodiff_refusal(
+                            err, self.bound.model, "scoring='jvp' with gradients='func'",
+                            "scoring='grad', or gradients='auto' (module hooks where torch.func fails)")
+                        if refusal:
+                            raise refusal from err
                         raise
                     self._use_hooks(err)
             out.append(self.example_grad_dots(space, vectors, sub))
@@ -380,10 +495,7 @@ class Objective:
             total += vmap(pullback, chunk_size=rhs_chunk)(vectors)
         total = self.comm.all_reduce_sum(total) / len(indices)
         if not torch.isfinite(total).all():
-            raise MSIFError(
-                f"NaN/inf in a Hessian-vector product of the {self.role} loss. The model is at a point "
-                "where the loss has no finite curvature: check its weights, or add damping."
-            )
+            raise self.curvature_refusal("a Hessian-vector product")
         return total
 
 

@@ -8,6 +8,7 @@ takes its own; every value is checked by the plug-in that declares it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Generic, Iterator, List, Mapping, Tuple, TypeVar
 
@@ -79,20 +80,44 @@ class Registry(Generic[T]):
         return plugin.Options(**{k: v for k, v in options.items() if k in own})
 
 
+def is_number(value: Any) -> bool:
+    """A real number, not a bool (``True`` is an ``int`` to Python, never a setting's value)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _refusal(name: str, value: Any, rule: str, meaning: str) -> MSIFError:
+    kind = "" if is_number(value) else f" (a {type(value).__name__})"
+    why = f" ({meaning})" if meaning else ""
+    return MSIFError(f"{name} must be {rule}{why}, got {value!r}{kind}.")
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1, optional: bool = False, meaning: str = "") -> None:
+    """``value`` is an ``int`` (not a bool, not a float) ≥ ``minimum``, or None when ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        rule = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
+        raise _refusal(name, value, rule + (" or None" if optional else ""), meaning)
+
+
+def check_float(name: str, value: Any, *, minimum: float = 0.0, strict: bool = True, optional: bool = False,
+                meaning: str = "") -> None:
+    """``value`` is a finite number ``> minimum`` (``≥`` unless ``strict``), or None when ``optional``: an
+    infinite tolerance, scale or damping would silently zero the result, so it is refused too."""
+    if optional and value is None:
+        return
+    if not (is_number(value) and math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+        rule = f"a finite number {'>' if strict else '≥'} {minimum:g}" + (" or None" if optional else "")
+        raise _refusal(name, value, rule, meaning)
+
+
 def positive_int(owner: Any, *names: str) -> None:
     """Each named option of ``owner`` is an integer ≥ 1 (else a message naming it)."""
     for name in names:
-        value = getattr(owner, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MSIFError(f"{name} must be a positive integer, got {value!r}.")
+        check_int(name, getattr(owner, name))
 
 
 def positive_number(owner: Any, *names: str, optional: bool = False) -> None:
-    """Each named option of ``owner`` is a number > 0 (or None when ``optional``)."""
+    """Each named option of ``owner`` is a finite number > 0 (or None when ``optional``)."""
     for name in names:
-        value = getattr(owner, name)
-        if optional and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            hint = " (or None)" if optional else ""
-            raise MSIFError(f"{name} must be > 0{hint}, got {value!r}.")
+        check_float(name, getattr(owner, name), optional=optional)

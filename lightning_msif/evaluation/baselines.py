@@ -57,9 +57,9 @@ def single_stage_scores(finetune_model: nn.Module, pretrain_data: Any, query_dat
     try:
         return compute_single_stage(finetune_model, pretrain_data, query_data, loss_fn=pretrain_loss,
                                     query_fn=query_loss, **influence).scores
-    except MSIFError:
-        raise
     except (RuntimeError, ValueError, IndexError) as err:
+        if isinstance(err, MSIFError) and err.__cause__ is None:  # a refusal of its own, not the model failing
+            raise
         raise MSIFError(
             f"The single_stage baseline evaluates the pretraining loss on the finetuned model, which failed "
             f"here ({type(err).__name__}: {str(err).splitlines()[0]}). It needs both stages to take the same "

@@ -56,10 +56,7 @@ class GaussNewtonCurvature(Curvature):
             total += vmap(gv, chunk_size=chunk)(vectors)
         total = obj.comm.all_reduce_sum(total) / len(self.indices)
         if not torch.isfinite(total).all():
-            raise MSIFError(
-                f"NaN/inf in a Gauss-Newton-vector product of the {obj.role} loss: check the model's weights "
-                "and outputs (a diverged training run, logits that overflow)."
-            )
+            raise obj.curvature_refusal("a Gauss-Newton-vector product")
         return total
 
 

@@ -37,6 +37,7 @@ from ..kronecker import Block, sandwiched_grads
 from ..layers import KRONECKER_KINDS, Call, Layer, example_grads, token_grads, token_inputs
 from ..objective import Objective
 from ..params import Params, ParamSpace
+from ..registry import check_float, check_int
 from .base import Curvature, register_curvature
 from ..conv import bordered, patch_moment
 
@@ -64,9 +65,8 @@ class KFACOptions:
             raise MSIFError(f"fisher={self.fisher!r} is not allowed; choose one of {list(FISHERS)}.")
         if self.covariance_dtype not in DTYPES:
             raise MSIFError(f"covariance_dtype={self.covariance_dtype!r} is not allowed; choose one of {list(DTYPES)}.")
-        if self.relative_damping is not None and not (isinstance(self.relative_damping, (int, float))
-                                                       and self.relative_damping >= 0):
-            raise MSIFError(f"relative_damping must be a number ≥ 0 (or None), got {self.relative_damping!r}.")
+        check_float("relative_damping", self.relative_damping, strict=False, optional=True)
+        check_int("fisher_seed", self.fisher_seed, minimum=0)
         if self.basis_examples is not None and not (isinstance(self.basis_examples, int)
                                                      and not isinstance(self.basis_examples, bool)
                                                      and self.basis_examples > 0):

@@ -12,6 +12,7 @@ import torch
 
 from ...errors import MSIFError
 from ..curvature.base import Curvature
+from ..objective import autodiff_refusal, precision_cause
 from ..registry import NoOptions, Registry
 
 Info = Dict[str, Any]
@@ -56,11 +57,17 @@ def solve(op: Curvature, rhs: torch.Tensor, solver: str, options: Any,
             f"solver={solver!r} needs a curvature with {list(impl.needs)}, which curvature={op.name!r} does not "
             f"provide. Choose a solver from {[s.name for s in SOLVERS if s.supports(op)]} for this curvature."
         )
-    x, info = impl.run(op, rhs, options, progress)
+    try:
+        x, info = impl.run(op, rhs, options, progress)
+    except NotImplementedError as err:  # a layer without the autodiff this curvature's products need
+        refusal = autodiff_refusal(err, op.objective.bound.model, f"curvature={op.name!r}",
+                                   "curvature='ekfac' or curvature='kfac' (first-order module hooks only)")
+        if refusal is None:
+            raise
+        raise refusal from err
     if not torch.isfinite(x).all():
-        raise MSIFError(
-            f"The {solver} solve of the {op.role} Hessian produced NaN/inf. Add damping "
-            "(damping=1e-3 or more) or check the model for non-finite weights."
-        )
+        fix = precision_cause(op.objective.dtype) or ("Add damping (damping=1e-3 or more) or check the model for "
+                                                      "non-finite weights.")
+        raise MSIFError(f"The {solver} solve of the {op.role} Hessian produced NaN/inf. {fix}")
     info.update(solver=solver, dim=op.dim, rhs=rhs.shape[0])
     return x, info

@@ -15,6 +15,7 @@ import torch
 
 from ...errors import MSIFError
 from ..curvature.base import Curvature
+from ..objective import precision_cause
 from ..registry import positive_int, positive_number
 from .base import Info, Solver, register_solver
 
@@ -68,7 +69,11 @@ class CGSolver(Solver):
 
 
 def non_positive_curvature(op: Curvature, value: float) -> MSIFError:
-    """The error of a conjugate-gradient method that met ``pᵀAp ≤ 0``: what to change."""
+    """The error of a conjugate-gradient method that met ``pᵀAp ≤ 0``: what to change (a wider dtype for a
+    low-precision model, whose rounding alone makes ``pᵀAp`` negative)."""
+    cause = precision_cause(op.objective.dtype)
+    if cause:
+        return MSIFError(f"CG met non-positive curvature (pᵀAp = {value:.3g}) in the {op.role} Hessian. {cause}")
     return MSIFError(
         f"CG met non-positive curvature (pᵀAp = {value:.3g}) in the {op.role} "
         f"Hessian + damping (λ={op.damping}): CG needs a positive-definite system, and a Hessian "

@@ -17,7 +17,7 @@ import torch
 
 from ...errors import MSIFError
 from ..curvature.base import Curvature
-from ..registry import positive_int, positive_number
+from ..registry import check_int, positive_int, positive_number
 from .base import Info, Solver, register_solver
 
 
@@ -44,8 +44,8 @@ class LissaOptions:
         positive_int(self, "lissa_depth", "lissa_repeats")
         positive_number(self, "lissa_scale", optional=True)
         positive_number(self, "lissa_tol")
-        if self.lissa_batch_size is not None:
-            positive_int(self, "lissa_batch_size")
+        check_int("lissa_batch_size", self.lissa_batch_size, optional=True)
+        check_int("lissa_seed", self.lissa_seed, minimum=0)
 
 
 def power_max_eig(op: Curvature, like: torch.Tensor, iters: int = 30) -> float:
