@@ -27,8 +27,8 @@ def in_compute_dtype(module: nn.Module, like: Optional[nn.Module] = None) -> nn.
     """``module`` in the compute dtype of ``like`` (default: of itself); a cast copy when its floating parameters
     are in another dtype, so the model being trained or reported on keeps its own weights and dtype."""
     trained = floating_dtype(like if like is not None else module)
-    if trained is None:
-        return module
+    if trained is None or len({p.dtype for p in module.parameters() if p.is_floating_point()}) > 1:
+        return module  # a model mixing dtypes is refused by its objective, which names its role
     target = compute_dtype(trained)
     if all(p.dtype == target for p in module.parameters() if p.is_floating_point()):
         return module
