@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .core.arguments import ScoreArguments, setting, settings_schema
+from .reports.html import MAX_QUERIES
 
 
 PretrainingSnapshotConfig = settings_schema(
@@ -48,6 +49,7 @@ MultiStageInfluenceConfig = settings_schema(
         ("query", str, setting("val", "val | test: the finetune datamodule's split to explain (a DataLoader in Python)")),
         ("enforce_proximal", bool, setting(False, "updated mode: add α(θ − θ̂) to the shared gradients while finetuning")),
         ("top_k", int, setting(10, "pretraining examples per query and side in the reports")),
+        ("max_queries", int, setting(MAX_QUERIES, "queries shown in report.html (the tables hold all)")),
         ("report", bool, setting(True, "write <snapshot_dir>/report/ and log to the trainer's loggers")),
         ("progress", bool, setting(True, "progress bars on rank 0")),
     ],

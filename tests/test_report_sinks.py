@@ -2,6 +2,7 @@
 import csv
 import json
 from pathlib import Path
+from typing import List
 
 import pytest
 import torch
@@ -127,3 +128,28 @@ def test_examples_are_looked_up_in_the_scored_dataset_not_a_subsets_parent():
     for data in (subset, DataLoader(subset, batch_size=2)):
         assert labels_of(data).tolist() == [5, 3]
         assert ExampleViews(data).datasets["pretrain"] is subset
+
+
+def _png_files(folder: Path) -> List[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and p.read_bytes()[:4] == b"\x89PNG"]
+
+
+def test_wandb_stores_each_example_image_once_inside_the_run(tmp_path, wandb_env):
+    """A table shows each example in many cells: one image file per distinct example, all inside the run's folder,
+    none in W&B's shared staging folder (WANDB_DATA_DIR), which an offline run never cleans."""
+    import wandb
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    attr = Attribution(scores, pretrain_labels=torch.arange(12) % 3, query_labels=torch.arange(20) % 2)
+    pretrain, queries = ([(torch.rand(16, generator=g), 0) for _ in range(n)] for n in (12, 20))  # 4×4 pictures
+    run = wandb.init(project="msif-test", mode="offline", dir=str(tmp_path))
+    log_wandb(run, attr, ExampleViews(pretrain, queries), top_k=4)
+    run.finish()
+    folder = run_dir(tmp_path)
+    rows = table(folder, "msif/top_k")["data"]
+    shown = {("q", r[0]) for r in rows} | {("p", r[TOPK_COLUMNS.index("pretrain_index")]) for r in rows}
+    assert len(rows) == 20 * 2 * 4 and len(shown) < len(rows)
+    figures = media(folder, "images")  # the heatmap and the histogram plot
+    assert len(_png_files(folder)) == len(shown) + len(figures)
+    assert not [p for p in (wandb_env / "wandb_data_dir").rglob("*") if p.is_file()]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..atomic import PathLike, save_text
+from ..errors import MSIFError
 from .attribution import SIGN_SENTENCE, Attribution
 from .render import ExampleViews, png_bytes
 
@@ -331,9 +332,19 @@ def _page(att: Attribution, views: ExampleViews, top_k: int, title: str, max_que
     ])
 
 
+MAX_QUERIES = 50  # query sections in report.html by default: each holds 2·top_k pictures
+
+
+def check_page_options(top_k: Any, max_queries: Any) -> None:
+    """Refuse a ``top_k`` below 1 or a ``max_queries`` below 0 (or either not an integer), saying which and why."""
+    for name, value, least, what in (("top_k", top_k, 1, "pretraining examples per query and side"),
+                                     ("max_queries", max_queries, 0, "queries shown in report.html")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise MSIFError(f"{name}={value!r}: must be an integer ≥ {least} ({what}).")
+
+
 def write_html(path: PathLike, attribution: Attribution, views: ExampleViews, top_k: int,
-               title: str = "Multi-stage influence report", max_queries: int = 50) -> Path:
+               title: str = "Multi-stage influence report", max_queries: int = MAX_QUERIES) -> Path:
     """Write the report of ``attribution`` to ``path`` atomically (temp file, fsync, rename) and return the path."""
-    if top_k < 1 or max_queries < 0:
-        raise ValueError(f"top_k must be ≥ 1 and max_queries ≥ 0, got top_k={top_k}, max_queries={max_queries}.")
+    check_page_options(top_k, max_queries)
     return save_text(path, _page(attribution, views, top_k, title, max_queries))
