@@ -19,7 +19,7 @@ import numpy as np
 
 from ..atomic import PathLike, save_text
 from . import figures
-from .attribution import SIGN_SENTENCE, TOPK_COLUMNS, Attribution
+from .attribution import SIGN_SENTENCE, TOPK_COLUMNS, Attribution, header
 from .render import ExampleViews
 
 WANDB_MAX_ROWS = 10_000  # W&B refuses larger tables in one log call
@@ -29,7 +29,7 @@ WANDB_DATA_DIR = "WANDB_DATA_DIR"  # W&B's data folder: artifact files are stage
 def csv_text(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
+    writer.writerow({c: header(c) for c in columns})
     writer.writerows(rows)
     return buf.getvalue()
 
@@ -120,7 +120,7 @@ def _log_wandb(run: Any, attr: Attribution, views: ExampleViews, top_k: int, art
     import wandb
 
     rows = attr.top_k(top_k)
-    columns = [*TOPK_COLUMNS, "query_example", "pretrain_example"]
+    columns = [*map(header, TOPK_COLUMNS), "query_example", "pretrain_example"]
     example = _example_media(wandb, views)
     data = [[r[c] for c in TOPK_COLUMNS] + [example("query", r["query_index"]),
                                             example("pretrain", r["pretrain_index"])] for r in rows]
@@ -131,7 +131,8 @@ def _log_wandb(run: Any, attr: Attribution, views: ExampleViews, top_k: int, art
         payload[key] = wandb.Table(columns=columns, data=part)
     for name, (trows, cols) in tables(attr, top_k).items():
         if name != "top_k":
-            payload[f"{prefix}/{name}"] = wandb.Table(columns=list(cols), data=[[r.get(c) for c in cols] for r in trows])
+            payload[f"{prefix}/{name}"] = wandb.Table(columns=[header(c) for c in cols],
+                                                      data=[[r.get(c) for c in cols] for r in trows])
     classes = attr.class_influence()
     figs = []
     if classes is not None:
@@ -158,7 +159,7 @@ def _log_wandb(run: Any, attr: Attribution, views: ExampleViews, top_k: int, art
 # -- TensorBoard -------------------------------------------------------------------------------------
 def _markdown(rows: List[Dict[str, Any]], cols: Sequence[str], limit: int = 200) -> str:
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(map(header, cols)) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows[:limit]]
     if len(rows) > limit:
         lines.append(f"\n({len(rows) - limit} more rows in the local CSV files)")
