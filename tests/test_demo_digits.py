@@ -96,3 +96,23 @@ def test_without_scikit_learn_the_digits_task_names_the_extra_that_installs_it()
     setup.read(root / "setup.cfg")
     assert "scikit-learn" in setup["options.extras_require"]["digits"]
     assert '"lightning-msif[digits]"' in (root / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_stage_shows_one_bar_over_its_epochs(monkeypatch) -> None:
+    """The demo's training: one bar for the whole stage (epochs done of max_epochs, so the time left is the stage's)."""
+    import io
+    import re
+
+    from lightning_msif.demo import EpochProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr("sys.stderr", screen)
+    dm = DigitsDataModule(task="pretrain", limit=40, batch_size=16)
+    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[EpochProgress("[pretrain] training")]).fit(
+        DigitsClassifier(hidden=8), datamodule=dm)
+    assert re.search(r"\[pretrain\] training: .*\| \d/3 \[", screen.getvalue()), screen.getvalue()  # epochs of 3
