@@ -18,6 +18,7 @@ from .core.arguments import InfluenceArguments, arguments_from, help_of, setting
 from .errors import MSIFError
 from .evaluation.config import EvaluationConfig
 from .trust import TRUST_RECORDS_HELP, TRUSTED_CLASSES_HELP, Trust
+from .reports.html import MAX_QUERIES, check_page_options
 
 
 @dataclass
@@ -32,6 +33,7 @@ class WandbConfig:
 
 
 WANDB_HELP = "wandb.project=NAME wandb.mode=online|offline|disabled wandb.id=RUN_ID wandb.name=... wandb.dir=..."
+MAX_QUERIES_HELP = "queries shown in report.html (the CSV tables and W&B hold all)"
 THREADS_HELP = "torch intra-op threads (null: torch's default; small models run fastest on 1)"
 
 
@@ -39,6 +41,7 @@ THREADS_HELP = "torch intra-op threads (null: torch's default; small models run 
 class ReportCommand:
     snapshot_dir: str = setting(MISSING, "folder written by the callbacks (required)")
     top_k: int = setting(10, "pretraining examples per query and side in the report")
+    max_queries: int = setting(MAX_QUERIES, MAX_QUERIES_HELP)
     wandb: WandbConfig = setting(WandbConfig, WANDB_HELP, factory=True)
     trust_records: bool = setting(False, TRUST_RECORDS_HELP)
     trusted_classes: List[str] = setting(list, TRUSTED_CLASSES_HELP, factory=True)
@@ -47,6 +50,7 @@ class ReportCommand:
 ScoreCommand = settings_schema("ScoreCommand", [
     ("snapshot_dir", str, setting(MISSING, "folder written by the callbacks (required)")),
     ("top_k", int, setting(10, "pretraining examples per query and side in the report")),
+    ("max_queries", int, setting(MAX_QUERIES, MAX_QUERIES_HELP)),
     ("wandb", WandbConfig, setting(WandbConfig, WANDB_HELP, factory=True)),
     ("report", bool, setting(True, "rebuild the report after scoring (true | false)")),
     ("progress", bool, setting(True, "progress bars (true | false)")),
@@ -108,6 +112,8 @@ def parse(command: str, overrides: Sequence[str], base: Optional[Dict[str, Any]]
         raise MSIFError(f"{err.full_key} is required, e.g. {err.full_key}=runs/msif.") from None
     except OmegaConfBaseException as err:
         raise MSIFError(f"bad value for {err.full_key!r}: {str(err).splitlines()[0]}") from None
+    if command in ("score", "report"):
+        check_page_options(cfg.top_k, cfg.max_queries)
     if command == "score":
         arguments_from(InfluenceArguments, OmegaConf.to_container(cfg, resolve=True))  # every value checked
     return cfg
@@ -143,7 +149,8 @@ def run_report(cfg: Any) -> Dict[str, Any]:
                         query_class_names=run.query_class_names)
     loggers = _loggers(cfg)
     written = report_scores(scores, OmegaConf.to_container(record), snapshots.report_dir, top_k=cfg.top_k,
-                            loggers=loggers, artifact_files=snapshots.scores_files, **examples)
+                            max_queries=cfg.max_queries, loggers=loggers, artifact_files=snapshots.scores_files,
+                            **examples)
     for logger in loggers:
         logger.experiment.finish()
     return written

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from .core.arguments import ScoreArguments, setting, settings_schema
 from .trust import TRUST_RECORDS_HELP, TRUSTED_CLASSES_HELP
+from .reports.html import MAX_QUERIES
 
 
 PretrainingSnapshotConfig = settings_schema(
@@ -49,6 +50,7 @@ MultiStageInfluenceConfig = settings_schema(
         ("query", str, setting("val", "val | test: the finetune datamodule's split to explain (a DataLoader in Python)")),
         ("enforce_proximal", bool, setting(False, "updated mode: add α(θ − θ̂) to the shared gradients while finetuning")),
         ("top_k", int, setting(10, "pretraining examples per query and side in the reports")),
+        ("max_queries", int, setting(MAX_QUERIES, "queries shown in report.html (the tables hold all)")),
         ("report", bool, setting(True, "write <snapshot_dir>/report/ and log to the trainer's loggers")),
         ("progress", bool, setting(True, "progress bars on rank 0")),
         ("trust_records", bool, setting(False, TRUST_RECORDS_HELP)),

@@ -199,6 +199,8 @@ def test_module_without_a_per_example_loss(pretrained):
     (dict(enforce_proximal=True), "enforce_proximal"),
     (dict(solver_options={"tolerance": 1}), "Unknown solver option"),
     (dict(stage="finetune"), r"unknown setting\(s\) \['stage'\]"),
+    (dict(max_queries=-1), "max_queries=-1: must be an integer ≥ 0"),
+    (dict(top_k=0), "top_k=0: must be an integer ≥ 1"),
 ])
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(MSIFError, match=match):

@@ -94,6 +94,13 @@ def test_report_to_wandb_offline(scored, tmp_path, wandb_env):
     assert len(top["data"]) == 5 * 2 * 2
 
 
+def test_report_max_queries_bounds_the_query_sections(scored):
+    assert main(["report", f"snapshot_dir={scored}", "top_k=2", "max_queries=2"]) == 0
+    page = (scored / "report" / "report.html").read_text(encoding="utf-8")
+    assert page.count('class="card query-section"') == 2 and "Showing the first 2 of 5 queries" in page
+    assert len((scored / "report" / "top_k.csv").read_text().splitlines()) == 1 + 5 * 2 * 2  # the tables: all
+
+
 def test_report_without_rebuildable_examples_still_writes_the_tables(scored, tmp_path):
     """A process that cannot import the modules (no PYTHONPATH) reports from the scores alone."""
     import shutil
@@ -115,6 +122,8 @@ def test_report_without_rebuildable_examples_still_writes_the_tables(scored, tmp
     (["report"], "snapshot_dir is required"),
     (["rank"], "unknown command 'rank'"),
     (["score", "snapshot_dir=/nonexistent"], "No pretrain snapshot"),
+    (["report", "snapshot_dir=x", "max_queries=-1"], "max_queries=-1: must be an integer ≥ 0"),
+    (["score", "snapshot_dir=/nonexistent", "top_k=0"], "top_k=0: must be an integer ≥ 1"),  # before any reading
 ])
 def test_bad_arguments_exit_nonzero_with_a_clear_message(args, message):
     proc = _msif(*args)

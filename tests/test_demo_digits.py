@@ -78,3 +78,41 @@ def test_load_backbone_copies_only_the_backbone(tmp_path: Path) -> None:
     assert torch.equal(from_file.backbone[0].weight, source.backbone[0].weight)
     with pytest.raises(KeyError, match="backbone"):
         load_backbone(target, {"head.weight": head})
+
+
+def test_without_scikit_learn_the_digits_task_names_the_extra_that_installs_it() -> None:
+    """``msif evaluate recipe=digits`` in a process where sklearn cannot be imported: refused before any training,
+    with the install line; and that extra exists and holds scikit-learn."""
+    import configparser
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    code = ("import sys; sys.modules['sklearn'] = None; from lightning_msif.cli import main; "
+            "sys.exit(main(['evaluate', 'recipe=digits', 'progress=false']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 2 and "pip install 'lightning-msif[digits]'" in proc.stderr, proc.stderr
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    assert "scikit-learn" in setup["options.extras_require"]["digits"]
+    assert '"lightning-msif[digits]"' in (root / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_stage_shows_one_bar_over_its_epochs(monkeypatch) -> None:
+    """The demo's training: one bar for the whole stage (epochs done of max_epochs, so the time left is the stage's)."""
+    import io
+    import re
+
+    from lightning_msif.demo import EpochProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr("sys.stderr", screen)
+    dm = DigitsDataModule(task="pretrain", limit=40, batch_size=16)
+    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[EpochProgress("[pretrain] training")]).fit(
+        DigitsClassifier(hidden=8), datamodule=dm)
+    assert re.search(r"\[pretrain\] training: .*\| \d/3 \[", screen.getvalue()), screen.getvalue()  # epochs of 3

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from lightning_msif.reports.attribution import SIGN_SENTENCE, Attribution
-from lightning_msif.reports.html import write_html
+from lightning_msif.reports.html import PX, write_html
 from lightning_msif.reports.render import ExampleViews
 
 N, K, TOP_K, MAX_QUERIES = 30, 4, 3, 3
@@ -130,7 +131,8 @@ def test_structure_is_self_contained_and_escaped(report: Tuple[Path, Attribution
         src = img["src"]
         assert src.startswith("data:image/png;base64,")
         size = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size
-        assert size == ((128, 128) if "query" in img["class"] else (48, 48))
+        side = PX["query"] if "query" in img["class"] else PX["thumb"]
+        assert size == (side, side)
     text = " ".join("".join(page.text).split())
     assert SIGN_SENTENCE in text and "Digits & friends" in text
     assert f"Showing the first {MAX_QUERIES} of {K} queries; 1 more query is omitted" in text
@@ -226,3 +228,29 @@ def test_without_labels_with_text_examples(tmp_path: Path) -> None:
     text = " ".join("".join(page.text).split())
     assert "Needs pretraining and query labels." in text and "sentence <5>" in text
     assert page.images == [] and len(page.of("msif-topk")) == 4 and page.body == {}
+
+
+def test_units_palette_and_thumbnail_size(report: Tuple[Path, Attribution]) -> None:
+    """Scores and loss changes say their unit; colours are the shared colour-blind-safe palette; an 8×8 example's
+    thumbnail is large enough to read (at least 12 screen pixels per example pixel)."""
+    from lightning_msif.reports.palette import SIDES, hex_of
+
+    text = report[0].read_text(encoding="utf-8")
+    page = Page(text)
+    (head, *_), *_ = [t["rows"] for t in page.tables if "msif-topk" in t["class"]]
+    assert [c["text"] for c in head][-2:] == ["Score S (nats)", "Δ loss if removed (nats)"]
+    assert "score S (nats)" in page.text and "nats" in SIGN_SENTENCE
+    assert f"--harm:{hex_of(SIDES['harmful'])}" in text and f"--help:{hex_of(SIDES['helpful'])}" in text
+    assert not re.search(r"#c0392b|#1e8449|rgb\(192,\s*57,\s*43\)|rgb\(30,\s*132,\s*73\)", text)  # the old red/green
+    thumbs = [i for i in page.images if "thumb" in i["class"].split()]
+    png = base64.b64decode(thumbs[0]["src"].split(",", 1)[1])
+    assert Image.open(io.BytesIO(png)).height >= 8 * 12 and "--thumb-px:96px" in text
+
+
+def test_histogram_bars_are_log_counts(tmp_path: Path) -> None:
+    """One bin holding most scores must not flatten the others: heights follow log(1 + count)."""
+    scores = torch.zeros(999, 1, dtype=torch.float64)
+    scores[0, 0] = 1.0  # bins: 998 scores at 0, one at 1
+    page = Page(write_html(tmp_path / "r.html", Attribution(scores), ExampleViews(), top_k=1).read_text("utf-8"))
+    tall, short = sorted((float(b["height"]) for b in page.bars), reverse=True)
+    assert short / tall == pytest.approx(math.log(2) / math.log(999), rel=1e-2)

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch.utils.data import TensorDataset
 from wandb_offline import run_dir, table
 
-from lightning_msif.reports.attribution import TOPK_COLUMNS, Attribution
+from lightning_msif.reports.attribution import TOPK_COLUMNS, Attribution, header
 from lightning_msif.reports.publish import report_scores
 from lightning_msif.reports.render import ExampleViews
 from lightning_msif.reports.sinks import ReportContext, publish, register_sink, sink_for
@@ -75,9 +75,9 @@ def _csv_rows(path: Path) -> List[Dict[str, str]]:
 
 def _check_top_k_csv(path: Path, scores: torch.Tensor) -> None:
     rows = _csv_rows(path)
-    assert len(rows) == ROWS and list(rows[0]) == list(TOPK_COLUMNS)
+    assert len(rows) == ROWS and list(rows[0]) == [*map(header, TOPK_COLUMNS)]
     for r in rows:
-        assert float(r["score"]) == pytest.approx(scores[int(r["pretrain_index"]), int(r["query_index"])].item())
+        assert float(r["score_nats"]) == pytest.approx(scores[int(r["pretrain_index"]), int(r["query_index"])].item())
 
 
 def _check_received(report: ReportContext, scores: torch.Tensor, written: Dict[str, Any], step: int) -> None:

@@ -2,6 +2,7 @@
 import csv
 import json
 from pathlib import Path
+from typing import List
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from wandb_offline import artifacts, media, run_dir, summary, table
 
 from lightning_msif import MultiStageInfluence, PretrainingSnapshot, load_pretrained
-from lightning_msif.reports.attribution import TOPK_COLUMNS, Attribution
+from lightning_msif.reports.attribution import TOPK_COLUMNS, Attribution, header
 from lightning_msif.reports.render import ExampleViews
 from lightning_msif.reports.sinks import WANDB_MAX_ROWS, log_wandb
 
@@ -36,13 +37,15 @@ def test_wandb_offline_run_holds_tables_images_summary_and_artifact(tmp_path, wa
     run = run_dir(tmp_path)
     scores = cb.scores
     top = table(run, "msif/top_k")
-    assert top["columns"] == [*TOPK_COLUMNS, "query_example", "pretrain_example"]
+    assert top["columns"] == [*map(header, TOPK_COLUMNS), "query_example", "pretrain_example"]
+    assert {"score_nats", "delta_loss_if_removed_nats"} <= set(top["columns"])  # units where people read them
     assert len(top["data"]) == scores.shape[1] * 2 * TOP_K
     col = {c: i for i, c in enumerate(top["columns"])}
     for row in top["data"]:
         i, j = row[col["pretrain_index"]], row[col["query_index"]]
-        assert row[col["score"]] == pytest.approx(scores[i, j].item(), rel=1e-12)
-        assert row[col["delta_loss_if_removed"]] == pytest.approx(-scores[i, j].item() / scores.shape[0], rel=1e-12)
+        assert row[col["score_nats"]] == pytest.approx(scores[i, j].item(), rel=1e-12)
+        delta = row[col["delta_loss_if_removed_nats"]]
+        assert delta == pytest.approx(-scores[i, j].item() / scores.shape[0], rel=1e-12)
         ranked = torch.sort(scores[:, j], descending=row[col["side"]] == "harmful").indices
         assert ranked[row[col["rank"]] - 1].item() == i
     assert {p.name.split("_")[0] for p in media(run, "images")} >= {"class", "score"}  # heatmap, histogram plot
@@ -87,9 +90,10 @@ def test_csv_logger_and_local_files(tmp_path):
     for folder in (Path(logger.log_dir) / "msif", tmp_path / "msif" / "report"):
         with open(folder / "top_k.csv") as fh:
             rows = list(csv.DictReader(fh))
-        assert len(rows) == 5 * 2 * TOP_K and list(rows[0]) == list(TOPK_COLUMNS)
+        assert len(rows) == 5 * 2 * TOP_K and list(rows[0]) == [*map(header, TOPK_COLUMNS)]
         for r in rows:
-            assert float(r["score"]) == pytest.approx(cb.scores[int(r["pretrain_index"]), int(r["query_index"])].item())
+            want = cb.scores[int(r["pretrain_index"]), int(r["query_index"])].item()
+            assert float(r["score_nats"]) == pytest.approx(want)
         assert (folder / "class_influence_mean.csv").exists() and (folder / "most_harmful.csv").exists()
     assert (tmp_path / "msif" / "report" / "report.html").stat().st_size > 1000
 
@@ -127,3 +131,48 @@ def test_examples_are_looked_up_in_the_scored_dataset_not_a_subsets_parent():
     for data in (subset, DataLoader(subset, batch_size=2)):
         assert labels_of(data).tolist() == [5, 3]
         assert ExampleViews(data).datasets["pretrain"] is subset
+
+
+def _png_files(folder: Path) -> List[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and p.read_bytes()[:4] == b"\x89PNG"]
+
+
+def test_wandb_stores_each_example_image_once_inside_the_run(tmp_path, wandb_env):
+    """A table shows each example in many cells: one image file per distinct example, all inside the run's folder,
+    none in W&B's shared staging folder (WANDB_DATA_DIR), which an offline run never cleans."""
+    import wandb
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    attr = Attribution(scores, pretrain_labels=torch.arange(12) % 3, query_labels=torch.arange(20) % 2)
+    pretrain, queries = ([(torch.rand(16, generator=g), 0) for _ in range(n)] for n in (12, 20))  # 4×4 pictures
+    run = wandb.init(project="msif-test", mode="offline", dir=str(tmp_path))
+    log_wandb(run, attr, ExampleViews(pretrain, queries), top_k=4)
+    run.finish()
+    folder = run_dir(tmp_path)
+    rows = table(folder, "msif/top_k")["data"]
+    shown = {("q", r[0]) for r in rows} | {("p", r[TOPK_COLUMNS.index("pretrain_index")]) for r in rows}
+    assert len(rows) == 20 * 2 * 4 and len(shown) < len(rows)
+    figures = media(folder, "images")  # the heatmap and the histogram plot
+    assert len(_png_files(folder)) == len(shown) + len(figures)
+    assert not [p for p in (wandb_env / "wandb_data_dir").rglob("*") if p.is_file()]
+
+
+def test_figures_share_the_palette_and_say_the_units():
+    from matplotlib.colors import to_hex
+
+    from lightning_msif.reports import figures
+    from lightning_msif.reports.palette import SIDES, hex_of
+
+    scores = torch.tensor([[-2.0, 1.0], [0.5, -0.1], [3.0, 0.0]], dtype=torch.float64)
+    attr = Attribution(scores, pretrain_labels=torch.tensor([0, 1, 1]), query_labels=torch.tensor([0, 1]))
+    heat = figures.heatmap(attr.class_influence())
+    cmap = heat.axes[0].images[0].get_cmap()
+    assert (to_hex(cmap(0.0)), to_hex(cmap(1.0))) == (hex_of(SIDES["helpful"]), hex_of(SIDES["harmful"]))
+    assert "nats" in heat.axes[0].get_title()
+    hist = figures.histogram(attr.histogram(bins=4))
+    ax = hist.axes[0]
+    assert ax.get_yscale() == "log" and "nats" in ax.get_xlabel()
+    assert {to_hex(p.get_facecolor()) for p in ax.patches} == {hex_of(SIDES["helpful"]), hex_of(SIDES["harmful"])}
+    figures.close(heat)
+    figures.close(hist)

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_msif import SnapshotDir, register_configs
-from lightning_msif.demo import DigitsClassifier, DigitsDataModule, DigitsDataset
+from lightning_msif.demo import DigitsClassifier, DigitsDataModule, DigitsDataset, EpochProgress
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 register_configs()  # the `msif/pretrain` and `msif/finetune` schemas the YAML's defaults list names
@@ -55,8 +55,8 @@ def fit(cfg: DictConfig, stage: str, module: L.LightningModule, dm: L.LightningD
     """Train one stage on CPU; returns its wall time in seconds."""
     logger = make_logger(cfg, stage)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg[stage].max_epochs, logger=logger,
-                        callbacks=[callback], enable_checkpointing=False, deterministic=True,
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=5)
+                        callbacks=[EpochProgress(f"[{stage}] training"), callback], enable_checkpointing=False,
+                        deterministic=True, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=5)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start

@@ -22,6 +22,7 @@ from ..core.data import class_names_of, dataset_of
 from ..core.objective import LossFn, module_loss
 from ..distributed import current_comm
 from ..errors import MSIFError
+from ..reports.html import MAX_QUERIES, check_page_options
 from ..reports.publish import report_scores
 from ..reports.render import Renderer
 from ..resolve import QUERY_SPLITS, check_mode, identity_of, pretraining_side, query_loader
@@ -61,6 +62,7 @@ class MultiStageInfluence(StageCallback):
         pretrain_model: Optional[nn.Module] = None,
         enforce_proximal: bool = False,
         top_k: int = 10,
+        max_queries: int = MAX_QUERIES,
         render: Optional[Renderer] = None,
         report: bool = True,
         progress: bool = True,
@@ -74,14 +76,14 @@ class MultiStageInfluence(StageCallback):
         if unknown:
             raise MSIFError(f"MultiStageInfluence got unknown setting(s) {unknown}; the influence settings are "
                             f"{names}, the callback's own are query, loss_fn, query_fn, pretrain_data, pretrain_model, "
-                            "enforce_proximal, top_k, render, report, progress, trust_records, trusted_classes.")
+                            "enforce_proximal, top_k, max_queries, render, report, progress, trust_records, "
+                            "trusted_classes.")
         self.arguments = arguments_from(InfluenceArguments, arguments or InfluenceArguments(), **settings)
         if isinstance(query, str) and query not in QUERY_SPLITS:
             raise MSIFError(f"query={query!r} is not allowed; choose one of {list(QUERY_SPLITS)} or pass a DataLoader.")
         if enforce_proximal and self.arguments.mode != "updated":
             raise MSIFError("enforce_proximal=True applies to mode='updated' only (it adds α(θ − θ̂) to the gradients).")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise MSIFError(f"top_k={top_k!r}: must be a positive integer (examples per query and side in the reports).")
+        check_page_options(top_k, max_queries)
         self.trust = Trust.of(trust_records, trusted_classes)
         self.snapshots = SnapshotDir(snapshot_dir)
         self.query = query
@@ -91,6 +93,7 @@ class MultiStageInfluence(StageCallback):
         self.pretrain_model = pretrain_model
         self.enforce_proximal = enforce_proximal
         self.top_k = top_k
+        self.max_queries = max_queries
         self.render = render
         self.report = report
         self.progress = progress
@@ -210,7 +213,7 @@ class MultiStageInfluence(StageCallback):
                 query_data=query, finetune_model=pl_module, pretrain_class_names=self._pretrain_class_names,
                 query_class_names=class_names_of(trainer.datamodule) if trainer.datamodule else None,
                 render=self.render, top_k=self.top_k, loggers=trainer.loggers, artifact_files=outcome.files,
-                step=trainer.global_step)
+                step=trainer.global_step, max_queries=self.max_queries)
             rank_zero_info(f"[msif] report: {written['html']}")
 
 

@@ -30,6 +30,7 @@ from .index import AUTOCAST, INDEX_DTYPES, GradientIndex, IndexStore, capture_in
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
 from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_shared
 from .precision import in_compute_dtype, scoring_pair
+from .progress import PassProgress, ResidualProgress, closing, new_bar
 from .projection import Projection
 from .scoring import DEFAULT_BLOCK, SCORING_BATCH_FACTOR, ScoreStore, agreed, cached, fastest_method, score_pass
 from .solvers import SOLVERS, solve
@@ -62,10 +63,39 @@ class _Run:
         yield
         self.info.setdefault("seconds", {})[name] = time.perf_counter() - start
 
+    @property
+    def shows_progress(self) -> bool:
+        return self.progress and self.comm.rank == 0
+
     def bar(self, total: int, desc: str, unit: str = "ex") -> Optional[tqdm]:
-        if not self.progress or self.comm.rank != 0:
-            return None
-        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None)  # None: off when not a TTY
+        return new_bar(total, desc, unit) if self.shows_progress else None
+
+    @contextmanager
+    def passes(self, obj: Objective, desc: str) -> Iterator[None]:
+        """Show every pass over ``obj``'s data while the block runs (fitting a curvature, an exact solve's matrix)."""
+        if not self.shows_progress:
+            yield
+            return
+        obj.watch = PassProgress(desc)
+        try:
+            yield
+        finally:
+            obj.watch.close()
+            obj.watch = None
+
+    @contextmanager
+    def solve_progress(self, impl: Any, options: Any, op: Curvature, desc: str) -> Iterator[Optional[Any]]:
+        """The solver's bar: digits of residual towards its ``target``, else its ``steps``, else the data passes."""
+        target, steps = impl.target(options), impl.steps(options)
+        if not self.shows_progress or (target is None and not steps):
+            with self.passes(op.objective, desc):
+                yield None
+            return
+        bar = ResidualProgress(desc, target) if target is not None else new_bar(steps, desc, "it")
+        try:
+            yield bar
+        finally:
+            bar.close()
 
     def objective(self, model: nn.Module, loss: LossFn, source: ExampleSource, role: str) -> Objective:
         """An objective of this run; its per-example gradient engine is reported in ``info`` when done."""
@@ -113,7 +143,8 @@ class _Run:
         if agreed(self.comm, op is not None):
             self.info["curvature"][stage]["factors"] = "from the pretraining snapshot"
         else:
-            op = kind.build(obj, space, indices, damping=self.args.damping, shift=shift, options=options)
+            with self.passes(obj, f"{stage} curvature ({name})"):
+                op = kind.build(obj, space, indices, damping=self.args.damping, shift=shift, options=options)
             state = op.state()
             if state is not None and self.factors is not None and stage == "pretrain" and self.comm.rank == 0:
                 self.factors.put(key, *state)
@@ -140,12 +171,9 @@ class _Run:
         if solver == "auto":
             solver, why = choose_solver(op, self.args.solver_options_of("exact").max_dense_params)
         options = self.args.solver_options_of(solver)
-        steps = SOLVERS.get(solver).steps(options)
-        bar = self.bar(steps, f"{name} solve ({solver})", "it") if steps else None
-        with self.phase(name):
+        with self.solve_progress(SOLVERS.get(solver), options, op, f"{name} solve ({solver})") as bar, \
+                self.phase(name):
             x, info = solve(op, rhs, solver, options, bar)
-        if bar is not None:
-            bar.close()
         self.info.setdefault("solves", {})[name] = {**info, "why": why}
         return x
 
@@ -193,8 +221,7 @@ def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, run: _Run) -
     bar = run.bar(len(obj.source), f"scoring {obj.role} examples")
     with run.phase("score_pass"):
         scores = score_pass(obj, space, s, method, run.store, bar, rank=run.args.query_rank)
-    if bar is not None:
-        bar.close()
+    closing(bar)
     return scores
 
 
@@ -203,8 +230,7 @@ def _gradients(obj: Objective, space: ParamSpace, run: _Run) -> torch.Tensor:
     bar = run.bar(len(obj.source), f"{obj.role} gradients")
     with run.phase(f"{obj.role}_gradients"):
         g = obj.gradients(space, bar)
-    if bar is not None:
-        bar.close()
+    closing(bar)
     return g
 
 
@@ -240,8 +266,7 @@ def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.T
         bar = run.bar(index.n, f"scoring {pt.role} examples from the gradient index")
         with run.phase("score_pass"):
             scores = index_scores(index.store, index.n, projection.vectors(s), run.comm, index.block, bar)
-        if bar is not None:
-            bar.close()
+        closing(bar)
         return scores
     return _score_pass(pt, space, s, run)
 
@@ -304,8 +329,7 @@ def capture_gradient_index(model: nn.Module, data: Any, store: IndexStore, *, sh
         projector = Projection(obj, space, dim, seed, balance=weights, kind=projection)
         bar = run.bar(len(obj.source), "gradient index")
         capture_index(obj, projector, store, dtype, block, bar, autocast)
-        if bar is not None:
-            bar.close()
+        closing(bar)
     return GradientIndex(store, len(obj.source), projector.describe(), projector.duals, block)
 
 

@@ -147,6 +147,7 @@ class Objective:
         self.engine = gradients  # per-example gradients: "func" (torch.func) | "hooks" (module hooks) | "auto"
         self.engine_note = ""  # why "auto" settled where it did (for the run record)
         self._layer_maps: Dict[Tuple[str, ...], LayerMap] = {}
+        self.watch: Optional[Any] = None  # a PassProgress shown for every sharded pass without its own progress
 
     # -- losses -------------------------------------------------------------------------------
     def losses(self, params: Params, batch: Any) -> torch.Tensor:
@@ -280,10 +281,15 @@ class Objective:
 
     def batches(self, indices: Sequence[int], progress: Optional[Any] = None, shard: bool = True,
                 batch_size: Optional[int] = None) -> Iterator[tuple]:
-        """Device batches of ``indices`` (this rank's contiguous share when ``shard``), with their indices."""
+        """Device batches of ``indices`` (this rank's contiguous share when ``shard``), with their indices.
+
+        A sharded pass without a ``progress`` of its own advances ``watch`` when one is set (a pass of a phase)."""
         mine = indices
         if shard:
             mine = [indices[i] for i in shard_range(len(indices), self.comm.rank, self.comm.world_size)]
+            if progress is None and self.watch is not None:
+                progress = self.watch
+                progress.start_pass(len(mine))
         for batch, idx in self.source.batches(mine, batch_size):
             batch = to_device(batch, self.device, self.dtype)
             self._check(batch, idx)

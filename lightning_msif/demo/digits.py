@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Accuracy
 
+from ..errors import MSIFError
+
 TASK_DIGITS: Dict[str, Tuple[int, ...]] = {"pretrain": (0, 1, 2, 3, 4), "finetune": (5, 6, 7, 8, 9)}
 SPLITS = ("train", "val", "test")
 
@@ -43,6 +45,16 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.x[i], self.targets[i]
+
+
+def _load_digits() -> Any:
+    """sklearn's bundled digits; refused with the install line when scikit-learn is missing (an optional extra)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise MSIFError("The digits task reads sklearn's bundled digits, and scikit-learn is not installed: "
+                        "pip install 'lightning-msif[digits]' (or pip install scikit-learn).") from None
+    return load_digits()
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -94,10 +106,8 @@ class DigitsDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.datasets:
             return
-        from sklearn.datasets import load_digits
-
         hp = self.hparams
-        raw = load_digits()
+        raw = _load_digits()
         digits = TASK_DIGITS[hp.task]
         images = torch.as_tensor(raw.images, dtype=torch.float32) / 16.0
         labels = torch.as_tensor(raw.target, dtype=torch.long)

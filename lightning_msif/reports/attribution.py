@@ -14,11 +14,21 @@ import torch
 SIGN_SENTENCE = (
     "Score S = d(query loss)/d(weight of the pretraining example). Harmful (S > 0): upweighting the "
     "pretraining example raises the query's loss; helpful (S < 0): it lowers it. Removing the example "
-    "changes the query loss by about −S/n."
+    "changes the query loss by about −S/n. Scores and loss changes are in the loss's unit: nats for "
+    "cross-entropy (natural logarithm)."
 )
 
 TOPK_COLUMNS = ("query_index", "query_label", "query_prediction", "side", "rank", "pretrain_index",
                 "pretrain_label", "score", "delta_loss_if_removed")
+UNITS = {"score": "nats", "delta_loss_if_removed": "nats", "total_harmful_score": "nats", "mean_score": "nats"}
+"""Scores and loss changes are losses (cross-entropy: nats); a score is d(loss)/d(weight), the weight unitless.
+A loss of another unit (a custom ``loss_fn``) keeps these names: they describe the default cross-entropy."""
+
+
+def header(column: str) -> str:
+    """A column's name where people read it (CSV files, logged tables), with its unit: ``score`` → ``score_nats``."""
+    unit = UNITS.get(column)
+    return f"{column}_{unit}" if unit else column
 
 
 @dataclass

@@ -18,16 +18,17 @@ import numpy as np
 import torch
 
 from ..atomic import PathLike, save_text
+from ..errors import MSIFError
 from .attribution import SIGN_SENTENCE, Attribution
+from .palette import SIDES, hex_of, tint
 from .render import ExampleViews, png_bytes
 
-_PX = {"query": 128, "thumb": 48}  # displayed image heights: 8×8 digits become 16× / 6× pixels
-_RGB = {"harmful": (192, 57, 43), "helpful": (30, 132, 73)}
+PX = {"query": 160, "thumb": 96}  # displayed image heights: an 8×8 digit's pixel becomes 20 / 12 screen pixels
 _LABELS = {"n_pretrain": "n (pretraining examples)", "n_query": "queries", "alpha": "α (proximal strength)",
            "damping": "damping λ", "hessian_samples": "Hessian samples", "world_size": "processes"}
 
 _CSS = """
-:root{--harm:#c0392b;--help:#1e8449;--ink:#1f2933;--muted:#6b7280;--line:#e4e7eb;--bg:#f5f6f8}
+:root{--ink:#1f2933;--muted:#6b7280;--line:#e4e7eb;--bg:#f5f6f8}
 *{box-sizing:border-box}
 body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
  color:var(--ink);background:var(--bg)}
@@ -37,7 +38,7 @@ nav{position:sticky;top:0;z-index:2;background:#fff;border-bottom:1px solid var(
 nav a{margin-right:18px;color:var(--ink);text-decoration:none;font-weight:600}nav a:hover{text-decoration:underline}
 .card{background:#fff;border:1px solid var(--line);border-radius:10px;padding:16px 20px;margin:16px 0;scroll-margin-top:48px}
 .muted{color:var(--muted)}.note{color:var(--muted);font-size:13px;margin:6px 0 10px}
-.sign{border-left:5px solid #8795a1;background:#fff;padding:10px 16px;margin:14px 0;border-radius:4px}
+.sign{border-left:5px solid var(--neutral);background:#fff;padding:10px 16px;margin:14px 0;border-radius:4px}
 .summary{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 table.msif-table{border-collapse:collapse;font-variant-numeric:tabular-nums;background:#fff}
 .msif-table th,.msif-table td{padding:4px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:middle}
@@ -47,12 +48,12 @@ table.msif-table{border-collapse:collapse;font-variant-numeric:tabular-nums;back
 .msif-table td.num{text-align:right;white-space:nowrap}
 .msif-table tbody th{font-weight:600;white-space:nowrap;background:#f8f9fa}
 .harmful{color:var(--harm)}.helpful{color:var(--help)}
-td.harmful{background:#fcefed}td.helpful{background:#edf7f0}
+td.harmful{background:var(--harm-bg)}td.helpful{background:var(--help-bg)}
 .word{display:inline-block;width:54px;text-align:left;font-size:11px;margin-left:4px;text-transform:uppercase;
  letter-spacing:.04em}
 .ok{color:var(--help);font-weight:600}.bad{color:var(--harm);font-weight:600}
 img.msif-example{display:block;background:#000;border-radius:2px}
-img.query{height:128px}img.thumb{height:48px}img.pixel{image-rendering:pixelated}
+img.query{height:var(--query-px)}img.thumb{height:var(--thumb-px)}img.pixel{image-rendering:pixelated}
 .msif-text{max-width:320px;font-size:12px;white-space:pre-wrap}
 .pair{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,520px),1fr));gap:24px;margin-top:12px}
 .pair>div{overflow-x:auto}.pair table{width:100%}
@@ -60,7 +61,7 @@ img.query{height:128px}img.thumb{height:48px}img.pixel{image-rendering:pixelated
 .qhead{display:flex;gap:20px;align-items:center}
 .qmeta{font-size:15px}.qmeta b{display:inline-block;min-width:92px;color:var(--muted);font-weight:500}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;margin-top:6px}
-.badge.ok{background:#edf7f0}.badge.bad{background:#fcefed}
+.badge.ok{background:var(--help-bg)}.badge.bad{background:var(--harm-bg)}
 .qnav a{display:inline-block;margin:2px 4px 2px 0;padding:1px 7px;border:1px solid var(--line);border-radius:6px;
  text-decoration:none;color:var(--ink);font-size:12px}.qnav a.bad{border-color:var(--harm);color:var(--harm)}
 .heat td{text-align:center;min-width:72px}.scroll{overflow-x:auto}
@@ -68,9 +69,18 @@ img.query{height:128px}img.thumb{height:48px}img.pixel{image-rendering:pixelated
  background:#fff;cursor:pointer}.msif-toggle button:first-child{border-radius:6px 0 0 6px}
 .msif-toggle button:last-child{border-radius:0 6px 6px 0;border-left:0}.msif-toggle button.on{background:#1f2933;color:#fff}
 .legend span{display:inline-block;width:14px;height:14px;vertical-align:-2px;margin:0 4px 0 12px;border-radius:2px}
-svg .bar.harmful{fill:var(--harm)}svg .bar.helpful{fill:var(--help)}svg .bar.neutral{fill:#8795a1}
+svg .bar.harmful{fill:var(--harm)}svg .bar.helpful{fill:var(--help)}svg .bar.neutral{fill:var(--neutral)}
 svg .axis{stroke:#9aa5b1}svg .zero{stroke:#1f2933;stroke-dasharray:4 3}svg text{font-size:11px;fill:#52606d}
 """
+
+
+def _root() -> str:
+    """The CSS variables taken from the palette and the image sizes (the rest of the CSS refers to them)."""
+    values = {"--harm": hex_of(SIDES["harmful"]), "--help": hex_of(SIDES["helpful"]),
+              "--neutral": hex_of(SIDES["neutral"]), "--harm-bg": hex_of(tint(SIDES["harmful"], 0.1)),
+              "--help-bg": hex_of(tint(SIDES["helpful"], 0.1)), "--query-px": f"{PX['query']}px",
+              "--thumb-px": f"{PX['thumb']}px"}
+    return ":root{" + ";".join(f"{k}:{v}" for k, v in values.items()) + "}"
 
 _JS = """
 (() => {
@@ -153,8 +163,8 @@ class _Images:
             return f'<div class="msif-text" title="{_esc(rendered)}">{_esc(short)}</div>'
         key = (which, index, kind)
         if key not in self._uris:
-            self._uris[key] = base64.b64encode(png_bytes(rendered, _PX[kind])).decode("ascii")
-        pixel = " pixel" if max(np.asarray(rendered).shape[:2]) < _PX[kind] else ""
+            self._uris[key] = base64.b64encode(png_bytes(rendered, PX[kind])).decode("ascii")
+        pixel = " pixel" if max(np.asarray(rendered).shape[:2]) < PX[kind] else ""
         return (f'<img class="msif-example {kind}{pixel}" alt="{which} example {index}" '
                 f'src="data:image/png;base64,{self._uris[key]}">')
 
@@ -177,7 +187,7 @@ def _summary(att: Attribution) -> str:
 def _heat_td(value: float, scale: float, title: str) -> str:
     side = _side(value)
     t = min(1.0, abs(value) / scale) if side != "neutral" else 0.0
-    r, g, b = (round(255 + (c - 255) * t) for c in _RGB.get(side, (255, 255, 255)))
+    r, g, b = tint(SIDES[side], t)
     ink = "#fff" if t > 0.55 else "#1f2933"
     return (f'<td class="num" data-sort="{value!r}" style="background:rgb({r},{g},{b});color:{ink}" '
             f'title="{_esc(title)}: {_num(value)} ({side})">{_num(value)}</td>')
@@ -203,14 +213,20 @@ def _class_matrix(att: Attribution) -> str:
             rows.append(f"<tr><th>{_esc(p)} <small class=muted>({pc})</small></th>{cells}</tr>")
         hidden = "" if name == "mean" else " hidden"
         views.append(f'<div class="scroll" data-view="{name}"{hidden}>{_table(head, rows, "msif-heat heat")}</div>')
-    legend = ('<span style="background:rgb(192,57,43)"></span>harmful (S &gt; 0)'
-              '<span style="background:rgb(30,132,73)"></span>helpful (S &lt; 0)'
+    legend = ('<span style="background:var(--harm)"></span>harmful (S &gt; 0)'
+              '<span style="background:var(--help)"></span>helpful (S &lt; 0)'
               '<span style="background:#fff;border:1px solid #ccc"></span>0')
     return (f'<p class="note">Rows: pretraining classes; columns: query classes (number of examples in brackets). '
-            f'Mean: the average score over all (pretraining, query) pairs of the two classes; total: their sum. '
+            f'Mean: the average score (nats) over all (pretraining, query) pairs of the two classes; total: their sum. '
             f'Colours scale to the largest magnitude in the table. <span class="legend">{legend}</span></p>'
             f'<div class="msif-switch"><div class="msif-toggle"><button type="button" data-show="mean" class="on">'
             f'Mean</button><button type="button" data-show="total">Total</button></div>{"".join(views)}</div>')
+
+
+def bar_height(count: float, tallest: float, plot_height: float) -> float:
+    """A bar's height on a log scale of ``1 + count``: one bin may hold most scores, and a bin of a single
+    (pretraining, query) pair in the tails must still show (at least 2 px)."""
+    return max(math.log1p(count) / math.log1p(max(tallest, 1.0)) * plot_height, 2.0)
 
 
 def _histogram(att: Attribution, bins: int = 50) -> str:
@@ -223,7 +239,7 @@ def _histogram(att: Attribution, bins: int = 50) -> str:
     for c, a, b in zip(counts, edges, edges[1:]):
         if c > 0:
             side = "harmful" if a >= 0 else "helpful" if b <= 0 else "neutral"
-            bh = max(c / tallest * ph, 2.0)  # rare outliers stay visible
+            bh = bar_height(c, tallest, ph)
             parts.append(f'<rect class="bar {side}" x="{x(a):.1f}" y="{top + ph - bh:.1f}" '
                          f'width="{max(x(b) - x(a) - 1, 1):.1f}" height="{bh:.1f}">'
                          f'<title>[{_num(a)}, {_num(b)}): {int(c)}</title></rect>')
@@ -238,12 +254,12 @@ def _histogram(att: Attribution, bins: int = 50) -> str:
               f'<line class="axis" x1="{left}" x2="{left}" y1="{top}" y2="{base}"/>',
               f'<text x="{left - 6}" y="{top + 8}" text-anchor="end">{int(tallest)}</text>',
               f'<text x="{left - 6}" y="{base}" text-anchor="end">0</text>',
-              f'<text x="{left + pw / 2}" y="{height - 2}" text-anchor="middle">score S</text>']
+              f'<text x="{left + pw / 2}" y="{height - 2}" text-anchor="middle">score S (nats)</text>']
     s = att.scores.flatten()
     share = lambda mask: f"{100 * float(mask.double().mean()):.1f}%"
     return (f'<p class="note">All {s.numel()} scores ({att.n} pretraining × {att.k} queries), {bins} bins: '
             f'<span class="harmful">{share(s > 0)} harmful</span>, <span class="helpful">{share(s < 0)} helpful'
-            f'</span>. Hover a bar for its range and count.</p>'
+            f'</span>. Bar heights: counts on a log scale (log(1 + count)). Hover a bar for its range and count.</p>'
             f'<svg class="msif-histogram" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
             f'role="img" aria-label="Histogram of all scores">{"".join(parts)}</svg>')
 
@@ -252,8 +268,8 @@ def _removal(att: Attribution, images: _Images, top_k: int) -> str:
     rows = att.most_harmful(top_k)
     if not rows:
         return f'<p class="muted">No pretraining example is harmful (S &gt; 0) in any query\'s top {top_k}.</p>'
-    head = ("Pretraining index", "Label", "Image", f"Queries harmed (in top {top_k})", "Total harmful score",
-            "Mean score", "Mean Δ query loss if removed")
+    head = ("Pretraining index", "Label", "Image", f"Queries harmed (in top {top_k})", "Total harmful score (nats)",
+            "Mean score (nats)", "Mean Δ query loss if removed (nats)")
     body = []
     for r in rows:
         mean = r["mean_score"]
@@ -277,7 +293,7 @@ def _queries(att: Attribution, images: _Images, top_k: int, max_queries: int) ->
     groups: Dict[Tuple[int, str], List[Dict[str, Any]]] = defaultdict(list)
     for row in _first_queries(att, shown).top_k(top_k):
         groups[row["query_index"], row["side"]].append(row)
-    head = ("Rank", "Index", "Label", "Image", "Score S", "Δ loss if removed")
+    head = ("Rank", "Index", "Label", "Image", "Score S (nats)", "Δ loss if removed (nats)")
     links, sections = [], []
     for j in range(shown):
         first = groups[j, "helpful"][0]
@@ -318,7 +334,7 @@ def _page(att: Attribution, views: ExampleViews, top_k: int, title: str, max_que
     return "".join([
         (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
          f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_esc(title)}</title>'
-         f"<style>{_CSS}</style></head><body>"),
+         f"<style>{_root()}{_CSS}</style></head><body>"),
         ('<nav><a href="#summary">Summary</a><a href="#classes">Class influence</a><a href="#histogram">Histogram</a>'
          '<a href="#removal">Removal candidates</a><a href="#queries">Queries</a></nav><main>'),
         (f'<header id="summary"><h1>{_esc(title)}</h1><div class="muted">{subtitle}</div>'
@@ -331,9 +347,19 @@ def _page(att: Attribution, views: ExampleViews, top_k: int, title: str, max_que
     ])
 
 
+MAX_QUERIES = 50  # query sections in report.html by default: each holds 2·top_k pictures
+
+
+def check_page_options(top_k: Any, max_queries: Any) -> None:
+    """Refuse a ``top_k`` below 1 or a ``max_queries`` below 0 (or either not an integer), saying which and why."""
+    for name, value, least, what in (("top_k", top_k, 1, "pretraining examples per query and side"),
+                                     ("max_queries", max_queries, 0, "queries shown in report.html")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise MSIFError(f"{name}={value!r}: must be an integer ≥ {least} ({what}).")
+
+
 def write_html(path: PathLike, attribution: Attribution, views: ExampleViews, top_k: int,
-               title: str = "Multi-stage influence report", max_queries: int = 50) -> Path:
+               title: str = "Multi-stage influence report", max_queries: int = MAX_QUERIES) -> Path:
     """Write the report of ``attribution`` to ``path`` atomically (temp file, fsync, rename) and return the path."""
-    if top_k < 1 or max_queries < 0:
-        raise ValueError(f"top_k must be ≥ 1 and max_queries ≥ 0, got top_k={top_k}, max_queries={max_queries}.")
+    check_page_options(top_k, max_queries)
     return save_text(path, _page(attribution, views, top_k, title, max_queries))

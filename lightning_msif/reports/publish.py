@@ -18,7 +18,7 @@ def report_scores(scores: torch.Tensor, manifest: Dict[str, Any], out_dir: PathL
                   pretrain_class_names: Optional[Sequence[str]] = None,
                   query_class_names: Optional[Sequence[str]] = None, render: Optional[Renderer] = None,
                   top_k: int = 10, loggers: Iterable[Any] = (), artifact_files: Iterable[PathLike] = (),
-                  step: int = 0) -> Dict[str, Any]:
+                  step: int = 0, max_queries: Optional[int] = None) -> Dict[str, Any]:
     """Build the attribution and example views, write the local report to ``out_dir`` and log to ``loggers``.
 
     Without data (e.g. the snapshots' modules cannot be imported) the tables come from the scores alone:
@@ -30,4 +30,4 @@ def report_scores(scores: torch.Tensor, manifest: Dict[str, Any], out_dir: PathL
         attr = build_attribution(scores, pretrain_data, query_data, finetune_model, manifest,
                                  pretrain_class_names, query_class_names)
     views = ExampleViews(pretrain_data, query_data, render)
-    return publish(attr, views, out_dir, top_k, loggers, artifact_files, step)
+    return publish(attr, views, out_dir, top_k, loggers, artifact_files, step, max_queries)

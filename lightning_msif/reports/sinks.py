@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, overload
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, overload
 
 import numpy as np
 
 from ..atomic import PathLike, save_text
 from . import figures
-from .attribution import SIGN_SENTENCE, TOPK_COLUMNS, Attribution
+from .attribution import SIGN_SENTENCE, TOPK_COLUMNS, Attribution, header
 from .render import ExampleViews
 
 WANDB_MAX_ROWS = 10_000  # W&B refuses larger tables in one log call
+WANDB_DATA_DIR = "WANDB_DATA_DIR"  # W&B's data folder: artifact files are staged under it before upload
 
 
 def csv_text(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
+    writer.writerow({c: header(c) for c in columns})
     writer.writerows(rows)
     return buf.getvalue()
 
@@ -69,15 +72,58 @@ def _wandb_media(wandb: Any, rendered: Any) -> Any:
     return rendered
 
 
+def _example_media(wandb: Any, views: ExampleViews) -> Callable[[str, int], Any]:
+    """``(which, index) -> cell``, one ``wandb.Image`` per distinct example: W&B stores an image object once per
+    table however many cells show it (a new object per cell was a file per cell)."""
+    cells: Dict[Tuple[str, int], Any] = {}
+
+    def cell(which: str, index: int) -> Any:
+        if (which, index) not in cells:
+            cells[which, index] = _wandb_media(wandb, views.get(which, index))
+        return cells[which, index]
+
+    return cell
+
+
+@contextmanager
+def _staging_inside(run: Any) -> Iterator[None]:
+    """Point W&B's staging folder into ``run``'s own folder while the report is logged.
+
+    W&B copies every file of an artifact (a logged table, its images, the scores) to ``<WANDB_DATA_DIR>/artifacts/
+    staging`` before the upload, a folder shared by all runs of the user; an offline run's copies stay there until a
+    sync. Inside the run's folder they go wherever the run goes. W&B reads the variable on each copy.
+    """
+    folder = getattr(run, "dir", None)
+    if not folder:
+        yield
+        return
+    before = os.environ.get(WANDB_DATA_DIR)
+    os.environ[WANDB_DATA_DIR] = str(Path(folder).parent / "msif-staging")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(WANDB_DATA_DIR, None)
+        else:
+            os.environ[WANDB_DATA_DIR] = before
+
+
 def log_wandb(run: Any, attr: Attribution, views: ExampleViews, top_k: int, artifact_files: Iterable[Path] = (),
               prefix: str = "msif") -> None:
     """Top-k tables with images, class tables + heatmap, histogram, removal candidates, summary, artifact."""
+    with _staging_inside(run):
+        _log_wandb(run, attr, views, top_k, artifact_files, prefix)
+
+
+def _log_wandb(run: Any, attr: Attribution, views: ExampleViews, top_k: int, artifact_files: Iterable[Path],
+               prefix: str) -> None:
     import wandb
 
     rows = attr.top_k(top_k)
-    columns = [*TOPK_COLUMNS, "query_example", "pretrain_example"]
-    data = [[r[c] for c in TOPK_COLUMNS] + [_wandb_media(wandb, views.get("query", r["query_index"])),
-                                            _wandb_media(wandb, views.get("pretrain", r["pretrain_index"]))] for r in rows]
+    columns = [*map(header, TOPK_COLUMNS), "query_example", "pretrain_example"]
+    example = _example_media(wandb, views)
+    data = [[r[c] for c in TOPK_COLUMNS] + [example("query", r["query_index"]),
+                                            example("pretrain", r["pretrain_index"])] for r in rows]
     parts = [data[i : i + WANDB_MAX_ROWS] for i in range(0, len(data), WANDB_MAX_ROWS)] or [[]]
     payload: Dict[str, Any] = {}
     for p, part in enumerate(parts):
@@ -85,7 +131,8 @@ def log_wandb(run: Any, attr: Attribution, views: ExampleViews, top_k: int, arti
         payload[key] = wandb.Table(columns=columns, data=part)
     for name, (trows, cols) in tables(attr, top_k).items():
         if name != "top_k":
-            payload[f"{prefix}/{name}"] = wandb.Table(columns=list(cols), data=[[r.get(c) for c in cols] for r in trows])
+            payload[f"{prefix}/{name}"] = wandb.Table(columns=[header(c) for c in cols],
+                                                      data=[[r.get(c) for c in cols] for r in trows])
     classes = attr.class_influence()
     figs = []
     if classes is not None:
@@ -112,7 +159,7 @@ def log_wandb(run: Any, attr: Attribution, views: ExampleViews, top_k: int, arti
 # -- TensorBoard -------------------------------------------------------------------------------------
 def _markdown(rows: List[Dict[str, Any]], cols: Sequence[str], limit: int = 200) -> str:
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(map(header, cols)) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows[:limit]]
     if len(rows) > limit:
         lines.append(f"\n({len(rows) - limit} more rows in the local CSV files)")
@@ -211,17 +258,20 @@ def _register_builtins() -> None:
 
 # -- dispatch ---------------------------------------------------------------------------------------
 def publish(attr: Attribution, views: ExampleViews, out_dir: PathLike, top_k: int, loggers: Iterable[Any] = (),
-            artifact_files: Iterable[PathLike] = (), step: int = 0) -> Dict[str, Any]:
+            artifact_files: Iterable[PathLike] = (), step: int = 0,
+            max_queries: Optional[int] = None) -> Dict[str, Any]:
     """Write the local files (CSV tables, report.html), then hand the report to each logger's sink.
 
+    ``max_queries`` bounds the query sections of report.html (None: its default); the tables hold every query.
     Returns where things went: ``csv`` and ``html`` paths plus each sink's ``(key, value)``; a list value
     extends the list already under its key (several CSV loggers). Loggers without a sink are skipped.
     """
-    from .html import write_html
+    from .html import MAX_QUERIES, write_html
 
     out = Path(out_dir)
-    written: Dict[str, Any] = {"csv": write_csv_tables(out, attr, top_k),
-                               "html": write_html(out / "report.html", attr, views, top_k)}
+    written: Dict[str, Any] = {"csv": write_csv_tables(out, attr, top_k)}
+    written["html"] = write_html(out / "report.html", attr, views, top_k,
+                                 max_queries=MAX_QUERIES if max_queries is None else max_queries)
     report = ReportContext(attr, views, top_k, step, tuple(Path(f) for f in artifact_files), written["html"])
     for logger in loggers:
         sink = sink_for(logger)

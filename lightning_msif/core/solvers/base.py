@@ -1,8 +1,9 @@
 """Linear solvers ``A X = B`` for a curvature A and a block of right-hand sides B ``[k, dim]``.
 
 A solver is a subclass of ``Solver`` with a ``name``, an ``Options`` dataclass (checked in its
-``__post_init__``), the curvature methods it ``needs`` beyond ``matmat``, how many progress ``steps`` a
-solve takes, and ``run``; ``@register_solver`` makes it available everywhere by name.
+``__post_init__``), the curvature methods it ``needs`` beyond ``matmat``, its progress (how many ``steps`` a
+solve takes, or the relative residual ``target`` an iterative solve stops at), and ``run``;
+``@register_solver`` makes it available everywhere by name.
 """
 from __future__ import annotations
 
@@ -26,14 +27,19 @@ class Solver:
     needs: ClassVar[Tuple[str, ...]] = ()  # curvature methods used besides matmat, e.g. ("inverse_matmat",)
 
     def steps(self, options: Any) -> Optional[int]:
-        """Progress-bar length of one solve (None: no bar)."""
+        """Progress-bar length of one solve in steps, each ``progress.update(1)`` (None: no step bar)."""
+        return None
+
+    def target(self, options: Any) -> Optional[float]:
+        """The relative residual a solve stops at, for a bar in digits of residual gained: ``run`` then calls
+        ``progress.residual(value, iterations)`` (a ``core.progress.ResidualProgress``) instead of ``update``."""
         return None
 
     def supports(self, op: Curvature) -> bool:
         return all(callable(getattr(op, need, None)) for need in self.needs)
 
     def run(self, op: Curvature, rhs: torch.Tensor, options: Any, progress: Optional[Any]) -> Tuple[torch.Tensor, Info]:
-        """``X ≈ A⁻¹ rhs`` and a record of the convergence; ``progress`` advances once per step."""
+        """``X ≈ A⁻¹ rhs`` and a record of the convergence; ``progress`` (or None) as ``steps``/``target`` say."""
         raise NotImplementedError
 
 

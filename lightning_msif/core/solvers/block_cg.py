@@ -33,7 +33,7 @@ def _orth(m: torch.Tensor) -> torch.Tensor:
 
 @register_solver
 class BlockCGSolver(CGSolver):
-    """CG's options, stopping rule and progress steps; one Krylov space for all right-hand sides."""
+    """CG's options, stopping rule and progress target; one Krylov space for all right-hand sides."""
 
     name = "block_cg"
 
@@ -61,7 +61,5 @@ class BlockCGSolver(CGSolver):
             p = _orth(r[:, active] + p @ beta)
             it += 1
             if progress is not None:
-                progress.update(1)
-                progress.set_postfix(residual=f"{(r.norm(dim=0) / b.norm(dim=0).clamp_min(1e-300)).max():.2e}",
-                                     refresh=False)
+                progress.residual((r.norm(dim=0) / b.norm(dim=0).clamp_min(1e-300)).max().item(), it)
         return x.T.contiguous(), measured_report("Block CG", op, x.T, rhs, options, it, bool(len(active)))

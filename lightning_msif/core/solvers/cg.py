@@ -35,8 +35,8 @@ class CGSolver(Solver):
     name = "cg"
     Options = CGOptions
 
-    def steps(self, options: CGOptions) -> int:
-        return options.max_iter
+    def target(self, options: CGOptions) -> float:
+        return options.tol
 
     def run(self, op: Curvature, rhs: torch.Tensor, options: CGOptions,
             progress: Optional[Any]) -> Tuple[torch.Tensor, Info]:
@@ -61,10 +61,8 @@ class CGSolver(Solver):
             rs[a_idx] = rs_new
             active = rs > target
             it += 1
-            if progress is not None:
-                progress.update(1)
-                residual = (rs.max() / rhs.norm(dim=1).max() ** 2).sqrt().item()
-                progress.set_postfix(residual=f"{residual:.2e}", refresh=False)
+            if progress is not None:  # the running residual of the worst right-hand side
+                progress.residual((rs / (rhs * rhs).sum(1).clamp_min(1e-300)).max().sqrt().item(), it)
         return x, measured_report("CG", op, x, rhs, options, it, bool(active.any()))
 
 
