@@ -104,6 +104,10 @@ def parse(command: str, overrides: Sequence[str], base: Optional[Dict[str, Any]]
         raise MSIFError(f"bad value for {err.full_key!r}: {str(err).splitlines()[0]}") from None
     if command == "score":
         arguments_from(InfluenceArguments, OmegaConf.to_container(cfg, resolve=True))  # every value checked
+    if command == "report" or (command == "score" and cfg.report):  # before scoring or rebuilding any example
+        from .reports.publish import check_report_options
+
+        check_report_options(cfg.top_k)
     return cfg
 
 

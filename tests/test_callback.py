@@ -1,4 +1,5 @@
 """The callback with a real Trainer: scores, snapshots, resume, and every inconsistency between stages."""
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -239,9 +240,13 @@ def test_a_gradient_index_captured_at_the_end_of_pretraining_replaces_the_scorin
     ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
     assert rel_err(cb.scores, ref) <= 1e-10
     assert rel_err(rescore(tmp_path, progress=False).scores, ref) <= 1e-10  # from the snapshots: the index again
+    index = SnapshotDir(tmp_path).index_dir
+    shutil.copytree(index, tmp_path / "old-index")
     with torch.no_grad():
         module.head.bias.add_(1.0)  # other pretraining weights: the index no longer fits
     SnapshotDir(tmp_path).write_stage("pretrain", module, "backbone", data=dm, train_dataset=dm.train_set)
+    assert not index.exists()  # a new stage snapshot of other weights drops what belonged to the old ones
+    shutil.copytree(tmp_path / "old-index", index)  # an index of other weights put back by hand is refused
     with pytest.raises(MSIFError, match="gradient index .* does not fit this run: other pretraining weights"):
         rescore(tmp_path, progress=False)
     trainer(callbacks=[PretrainingSnapshot(tmp_path, progress=False)]).fit(module, datamodule=dm)
