@@ -561,10 +561,10 @@ class SnapshotDir:
             return None
         return {k: v for k, v in manifest.items() if k not in ("complete", "projection", "files", HASH_KEY)}
 
-    def read_index(self, weights_sha: str, dataset: Any) -> Optional[GradientIndex]:
-        """The complete gradient index taken on these pretraining weights and this data, or None when there is
-        none; an error when the folder holds one that does not fit (other weights, other data, unfinished) or
-        a file of it changed since the capture."""
+    def read_index(self, weights_sha: str, data_fingerprint: Optional[Mapping[str, Any]]) -> Optional[GradientIndex]:
+        """The complete gradient index taken on these pretraining weights and the data of ``data_fingerprint``
+        (``fingerprint(dataset)``; None: not checked), or None when there is none; an error when the folder holds
+        one that does not fit (other weights, other data, unfinished) or a file of it changed since the capture."""
         spec = self._index_manifest()
         if spec is None:
             return None
@@ -574,7 +574,7 @@ class SnapshotDir:
             problems.append(f"format version {spec.get('format_version')} (this library reads {FORMAT_VERSION})")
         if spec.get("weights_sha256") != weights_sha:
             problems.append("other pretraining weights")
-        if dataset is not None and spec.get("fingerprint") != fingerprint(dataset):
+        if data_fingerprint is not None and spec.get("fingerprint") != dict(data_fingerprint):
             problems.append("other pretraining data")
         if not complete:
             problems.append("an unfinished capture")
