@@ -111,13 +111,17 @@ def test_scoring_killed_with_sigkill_resumes_to_the_identical_matrix(tmp_path, m
     cb = MultiStageInfluence(tmp_path, mode="fixed", damping=0.01, progress=False, report=False)
     trainer(callbacks=[cb]).fit(fine, datamodule=TinyDataModule(n=11, classes=2, seed=5))
     monkeypatch.setattr("lightning_msif.core.scoring.DEFAULT_BLOCK", 3)
-    torch.set_num_threads(1)
-    full = rescore(tmp_path, progress=False).scores
-    killed = subprocess.run([sys.executable, "-c", KILLED_SCORING, str(tmp_path)], env={**ENV, "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr
-    assert len(list((tmp_path / "work").glob("*/scores.*.safetensors"))) == 2  # two blocks survived the kill
-    resumed = rescore(tmp_path, progress=False).scores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the killed process: the same reductions, so the same bits
+    try:
+        full = rescore(tmp_path, progress=False).scores
+        killed = subprocess.run([sys.executable, "-c", KILLED_SCORING, str(tmp_path)],
+                                env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -9, killed.stderr
+        assert len(list((tmp_path / "work").glob("*/scores.*.safetensors"))) == 2  # two blocks survived the kill
+        resumed = rescore(tmp_path, progress=False).scores
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(resumed, full)
     assert not (tmp_path / "work").exists()
 
@@ -245,6 +249,8 @@ def test_report_with_top_k_0_is_refused_before_any_work_and_leaves_the_report_as
     assert main(["report", f"snapshot_dir={tmp_path}", "top_k=0"]) == 2
     assert time.perf_counter() - started < 2.0
     assert "top_k=0: must be a whole number ≥ 1" in capsys.readouterr().err
+    assert main(["score", f"snapshot_dir={tmp_path}", "top_k=0"]) == 2  # refused before scoring, not after
+    assert "msif score: top_k=0" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()} == report
 
 
