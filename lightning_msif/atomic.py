@@ -44,6 +44,7 @@ def temp_target(path: PathLike) -> Optional[str]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (POSIX: signal 0 probes without sending anything)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -55,12 +56,13 @@ def _alive(pid: int) -> bool:
 
 def is_stale(path: PathLike) -> bool:
     """A temporary file or folder left by a writer that is gone: a dead process of this host, or (another
-    host's, or without a writer in its name) one last touched before this writer started."""
+    host's, an older version's name without a writer, or on Windows, where os.kill would end the process) one
+    last touched before this writer started."""
     path = Path(path)
     match = _TEMP.match(path.name)
     if match is None:
         return False
-    if match["host"] == _host():
+    if match["host"] == _host() and os.name != "nt":
         return not _alive(int(match["pid"]))
     try:
         return path.lstat().st_mtime < STARTED
@@ -68,7 +70,7 @@ def is_stale(path: PathLike) -> bool:
         return False
 
 
-def remove_stale(folder: PathLike, recursive: bool = True) -> List[Path]:
+def remove_stale(folder: PathLike) -> List[Path]:
     """Remove the leftovers of dead writers in ``folder`` (and its subfolders); returns what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -81,7 +83,7 @@ def remove_stale(folder: PathLike, recursive: bool = True) -> List[Path]:
             else:
                 entry.unlink(missing_ok=True)
             removed.append(entry)
-        elif recursive and entry.is_dir() and not entry.is_symlink():
+        elif entry.is_dir() and not entry.is_symlink():
             removed += remove_stale(entry)
     return removed
 
