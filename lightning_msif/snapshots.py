@@ -408,27 +408,38 @@ class SnapshotDir:
         remove_stale(self.root)
         new = temp_path(folder, "new")
         new.mkdir(parents=True)
+        try:
+            manifest = self._write_new_stage(new, folder, stage, module, {
+                "shared": shared,
+                "shared_params": shared_shapes(module, shared),
+                "trainable": [n for n, p in module.named_parameters() if p.requires_grad],
+                "module": class_record(module),
+                "data": class_record(data) if data is not None else None,
+                "fingerprint": fingerprint(train_dataset) if train_dataset is not None else None,
+                **(extra or {}),
+            })
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        self._swap(folder, new)
+        return manifest
+
+    def _write_new_stage(self, new: Path, folder: Path, stage: str, module: nn.Module,
+                         fields: Dict[str, Any]) -> DictConfig:
+        """Weights, what of the old stage still fits them, then the manifest: from then on ``new`` is complete."""
         weights = new / self.WEIGHTS
         save_tensors(weights, dict(module.state_dict()), metadata={"format_version": str(FORMAT_VERSION)})
         sha = sha256_file(weights)
         if self._weights_sha(stage) == sha:
             _link_tree(folder, new, skip={self.MANIFEST, self.WEIGHTS})
-        manifest = save_manifest(new / self.MANIFEST, {
+        return save_manifest(new / self.MANIFEST, {
             "format_version": FORMAT_VERSION,
             "stage": stage,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
-            "shared": shared,
-            "shared_params": shared_shapes(module, shared),
-            "trainable": [n for n, p in module.named_parameters() if p.requires_grad],
             "weights": {"file": weights.name, "sha256": sha},
-            "module": class_record(module),
-            "data": class_record(data) if data is not None else None,
-            "fingerprint": fingerprint(train_dataset) if train_dataset is not None else None,
-            **(extra or {}),
-        })  # last: from here the new folder is a complete stage
-        self._swap(folder, new)
-        return manifest
+            **fields,
+        })
 
     def _weights_sha(self, stage: str) -> Optional[str]:
         """The weights hash of the stage now in place, or None when there is no intact one."""

@@ -87,6 +87,22 @@ def test_leftovers_of_dead_writers_are_removed_and_a_live_writer_s_are_kept(tmp_
     assert SnapshotDir(tmp_path).load_stage("pretrain")[1]["head.bias"][0] == 2.0
 
 
+class _Unreadable:
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, i: int):
+        raise OSError(f"example {i}: file not found")
+
+
+def test_a_stage_write_that_fails_half_way_leaves_the_old_stage_and_no_leftovers(tmp_path):
+    SnapshotDir(tmp_path).write_stage("pretrain", tiny_module(1.0), "backbone")
+    with pytest.raises(OSError, match="example 0"):
+        SnapshotDir(tmp_path).write_stage("pretrain", tiny_module(2.0), "backbone", train_dataset=_Unreadable())
+    assert SnapshotDir(tmp_path).load_stage("pretrain")[1]["head.bias"][0] == 1.0
+    assert _leftovers(tmp_path) == []
+
+
 # -- scoring killed with SIGKILL resumes to the identical matrix --------------------------------------------
 KILLED_SCORING = """
 import os, signal, sys
