@@ -116,6 +116,10 @@ def parse(command: str, overrides: Sequence[str], base: Optional[Dict[str, Any]]
         check_page_options(cfg.top_k, cfg.max_queries)
     if command == "score":
         arguments_from(InfluenceArguments, OmegaConf.to_container(cfg, resolve=True))  # every value checked
+    if command == "report" or (command == "score" and cfg.report):  # before scoring or rebuilding any example
+        from .reports.publish import check_report_options
+
+        check_report_options(cfg.top_k)
     return cfg
 
 

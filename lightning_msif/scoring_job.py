@@ -77,10 +77,8 @@ def run_scoring(inputs: ScoringInputs, args: InfluenceArguments, snapshots: Snap
     store = snapshots.work(key)
     theta, rest = split_shared(inputs.pretrain_model, args.shared, "pretraining")
     stored = snapshots.read_gradients(identity["pretrain_weights"], theta + rest) if identity else None
-    pt_dataset = dataset_of(inputs.pretrain_data)
-    index = snapshots.read_index(identity["pretrain_weights"],
-                                 pt_dataset if hasattr(pt_dataset, "__getitem__") else None) \
-        if identity and stored is None else None
+    index = snapshots.read_index(identity["pretrain_weights"], prints["pretrain"]) \
+        if identity and stored is None else None  # the fingerprint just taken: the data is read once
     result: InfluenceResult = multistage_scores(
         inputs.pretrain_model, inputs.finetune_model, inputs.pretrain_data, inputs.finetune_data, inputs.query_data,
         args, pretrain_loss_fn=inputs.pretrain_loss, finetune_loss_fn=inputs.finetune_loss,

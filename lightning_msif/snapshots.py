@@ -4,24 +4,27 @@ Also the records that rebuild a module or datamodule from a snapshot, and data f
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
+import os
 import platform
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
-from .atomic import PathLike, save_tensors, save_yaml, sha256_file
+from .atomic import (PathLike, fsync_dir, is_stale, remove_stale, save_tensors, save_text, sha256_file, temp_path,
+                     temp_target)
 from .core.index import GradientIndex
 from .core.params import shared_names
 from .errors import MSIFError
@@ -105,27 +108,79 @@ def _refuse_interpolations(value: Any, path: PathLike) -> None:
 
 
 # -- data fingerprints --------------------------------------------------------------------------
-def fingerprint(dataset: Any, samples: int = 32) -> Dict[str, Any]:
-    """Length and a hash of evenly spaced examples: detects other data without reading all of it."""
+FINGERPRINT_SCHEME = "every-example-v2"  # fingerprints of older versions hashed 32 examples only
+
+
+_NUMPY_SAFE = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
+               torch.uint8, torch.bool, torch.complex64, torch.complex128}
+
+
+def _tensor_bytes(t: torch.Tensor) -> Any:
+    """A tensor's raw bytes as a buffer, without a copy where it is already contiguous on the CPU."""
+    t = t.detach()
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.contiguous().cpu()
+    if t.dtype in _NUMPY_SAFE:
+        return t.numpy().data
+    return t.reshape(-1).view(torch.uint8).numpy().data  # bfloat16, float8: their bytes as they are
+
+
+def _feed(h: "hashlib._Hash", value: Any) -> None:
+    """Feed one example (any nesting of tuples, lists and dicts) into ``h``: a tensor or array by dtype, shape
+    and raw bytes; a container by its kind, length (and keys); anything else by its type and repr."""
+    if isinstance(value, torch.Tensor):
+        h.update(_header(value.dtype, value.shape))
+        h.update(_tensor_bytes(value))
+    elif isinstance(value, (tuple, list)):
+        h.update(b"(%d" % len(value))
+        for item in value:
+            _feed(h, item)
+    elif isinstance(value, Mapping):
+        h.update(b"{%d" % len(value))
+        for key, item in value.items():
+            _feed(h, key)
+            _feed(h, item)
+    elif isinstance(value, np.ndarray) and value.dtype != object:
+        _feed(h, torch.from_numpy(np.ascontiguousarray(value)))
+    else:
+        text = value.hex() if isinstance(value, bytes) else repr(value)
+        h.update(f"{type(value).__name__}:{len(text)}:{text}".encode())
+
+
+@functools.lru_cache(maxsize=256)
+def _header(dtype: torch.dtype, shape: torch.Size) -> bytes:
+    """What precedes a tensor's bytes (its dtype and shape), so neighbouring examples cannot run together."""
+    return f"T{dtype}{tuple(shape)}".encode()
+
+
+def fingerprint(dataset: Any) -> Dict[str, Any]:
+    """Length and an order-sensitive hash of every example (streamed; tensors hashed as their raw bytes).
+
+    Each leaf is hashed with its type and shape, so neighbouring examples cannot run into each other. The
+    resumable work folders are named by this hash too.
+    """
     n = len(dataset)
     h = hashlib.sha256()
-    for i in sorted({round(j * (n - 1) / max(samples - 1, 1)) for j in range(min(samples, n))}):
-        for leaf in tree_flatten(dataset[i])[0]:
-            if isinstance(leaf, torch.Tensor):
-                h.update(leaf.detach().cpu().contiguous().numpy().tobytes())
-            else:
-                h.update(repr(leaf).encode())
-    return {"n": n, "sha256": h.hexdigest()}
+    for i in range(n):
+        _feed(h, dataset[i])
+    return {"n": n, "sha256": h.hexdigest(), "scheme": FINGERPRINT_SCHEME}
 
 
 def check_fingerprint(expected: Mapping[str, Any], dataset: Any, what: str) -> None:
+    """Refuse ``dataset`` unless it is, example for example and in order, the one ``expected`` was taken on."""
+    if expected.get("scheme") != FINGERPRINT_SCHEME:
+        raise MSIFError(
+            f"The snapshot's fingerprint of the {what} was taken by an older lightning-msif on a sample of the "
+            "examples only, which cannot vouch for the data: re-run the pretraining stage with this version."
+        )
     got = fingerprint(dataset)
     if int(expected["n"]) != got["n"] or str(expected["sha256"]) != got["sha256"]:
         raise MSIFError(
             f"The {what} differs from the one the pretraining snapshot was taken on (snapshot: "
             f"{expected['n']} examples, hash {str(expected['sha256'])[:12]}; now: {got['n']} examples, hash "
-            f"{got['sha256'][:12]}). Scores would not index the pretraining set: pass the same data "
-            "(same order, same preprocessing) or take a new pretraining snapshot."
+            f"{got['sha256'][:12]}): an example, a label or the order changed. Scores would not index the "
+            "pretraining set: pass the same data (same order, same preprocessing) or take a new pretraining "
+            "snapshot."
         )
 
 
@@ -162,9 +217,75 @@ def check_shared(manifest: DictConfig, module: nn.Module, shared: str) -> None:
         )
 
 
+# -- content hashes ----------------------------------------------------------------------------
+HASH_KEY = "sha256"  # the metadata entry of a safetensors file, and the manifest field, that holds its content hash
+
+
+def tensors_hash(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """sha256 of a safetensors file's content: its metadata (but the hash) and every tensor's name, dtype, shape
+    and bytes, in name order; so any changed byte that still parses changes it."""
+    h = hashlib.sha256()
+    _feed(h, [[(k, v) for k, v in sorted(metadata.items()) if k != HASH_KEY],
+              [(k, tensors[k]) for k in sorted(tensors)]])
+    return h.hexdigest()
+
+
+def save_checked(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> str:
+    """Atomic safetensors write with its content hash in the metadata; returns the hash."""
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = dict(metadata or {})
+    metadata[HASH_KEY] = tensors_hash(data, metadata)
+    save_tensors(path, data, metadata=metadata)
+    return metadata[HASH_KEY]
+
+
+def load_checked(path: PathLike, fix: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Tensors and metadata of a file written by ``save_checked``, refused (naming the file and ``fix``) when it
+    cannot be parsed or its content no longer matches its hash."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as err:  # safetensors raises its own error type for a damaged header
+        raise MSIFError(f"{path} cannot be read ({err}): it is damaged. {fix}") from err
+    if metadata.get(HASH_KEY) != tensors_hash(tensors, metadata):
+        raise MSIFError(f"{path} does not match its content hash: it was changed or damaged after it was written "
+                        f"(or written by an older lightning-msif). {fix}")
+    return tensors, metadata
+
+
+def fields_hash(manifest: DictConfig) -> str:
+    """sha256 over a manifest's fields (but the hash itself), as plain JSON with sorted keys."""
+    plain = OmegaConf.to_container(manifest, resolve=True)
+    plain.pop(HASH_KEY, None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_manifest(path: PathLike, fields: Mapping[str, Any]) -> DictConfig:
+    """Write a YAML manifest with the hash of its fields; returns it as written."""
+    manifest = OmegaConf.create(dict(fields))
+    manifest[HASH_KEY] = fields_hash(manifest)
+    save_text(path, OmegaConf.to_yaml(manifest))
+    return manifest
+
+
+def check_manifest(manifest: DictConfig, path: PathLike, fix: str) -> DictConfig:
+    """``manifest`` (read from ``path``) if its fields still match their hash, else refused (e.g. an edited
+    ``trainable`` list)."""
+    if manifest.get(HASH_KEY) != fields_hash(manifest):
+        raise MSIFError(f"{path} does not match the hash of its fields: it was edited (e.g. its trainable list) or "
+                        f"damaged after it was written, or written by an older lightning-msif. {fix}")
+    return manifest
+
+
+def load_manifest(path: PathLike, fix: str) -> DictConfig:
+    """A manifest written by ``save_manifest``, checked against its hash."""
+    return check_manifest(OmegaConf.load(path), path, fix)
+
+
 # -- resumable partial results -----------------------------------------------------------------
 class FileStore:
-    """A ``ScoreStore`` backed by one safetensors file per key in a folder (atomic writes)."""
+    """A ``ScoreStore`` backed by one safetensors file per key in a folder (atomic writes, content hashed)."""
 
     def __init__(self, folder: PathLike):
         self.folder = Path(folder)
@@ -174,10 +295,13 @@ class FileStore:
 
     def get(self, key: str) -> Optional[torch.Tensor]:
         path = self._path(key)
-        return load_file(str(path))["t"] if path.exists() else None
+        if not path.exists():
+            return None
+        fix = f"Delete {self.folder} (it holds partial results only) and run again."
+        return load_checked(path, fix)[0]["t"]
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
-        save_tensors(self._path(key), {"t": tensor})
+        save_checked(self._path(key), {"t": tensor})
 
     def clear(self) -> None:
         """Remove this run's partial results (and the work folder once it is empty)."""
@@ -203,23 +327,29 @@ class FactorFiles:
         path = self.folder / f"{key}.safetensors"
         if not path.exists():
             return None
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("weights_sha256") != self.weights_sha or meta.get("format_version") != str(FORMAT_VERSION):
-                return None  # fitted on other weights (or by another version): refit
-            return {k: fh.get_tensor(k) for k in fh.keys()}, json.loads(meta["meta"])
+        tensors, meta = load_checked(path, f"Delete {path} (the curvature is fitted again) or re-run the pretraining "
+                                           "stage.")
+        if meta.get("weights_sha256") != self.weights_sha or meta.get("format_version") != str(FORMAT_VERSION):
+            return None  # fitted on other weights (or by another version): refit
+        return tensors, json.loads(meta["meta"])
 
     def put(self, key: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
-        save_tensors(self.folder / f"{key}.safetensors", tensors,
+        save_checked(self.folder / f"{key}.safetensors", tensors,
                      metadata={"meta": json.dumps(meta), "weights_sha256": self.weights_sha,
                                "format_version": str(FORMAT_VERSION)})
 
 
 class IndexFiles:
-    """An ``IndexStore``: one safetensors file per block of a gradient index, in one folder (atomic writes)."""
+    """An ``IndexStore``: one safetensors file per block of a gradient index, in one folder (atomic writes).
 
-    def __init__(self, folder: PathLike):
-        self.folder = Path(folder)
+    ``hashes``: each block's content hash as recorded when the capture finished; a block that is not listed, or
+    whose content changed, is refused.
+    """
+
+    FIX = "Capture the index again (PretrainingSnapshot(index_dim=...)), or delete that folder to score without it."
+
+    def __init__(self, folder: PathLike, hashes: Optional[Mapping[str, str]] = None):
+        self.folder, self.hashes = Path(folder), hashes
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
@@ -228,10 +358,22 @@ class IndexFiles:
         return self._path(key).exists()
 
     def get(self, key: str) -> torch.Tensor:
-        return load_file(str(self._path(key)))["rows"]
+        tensors, meta = load_checked(self._path(key), self.FIX)
+        if self.hashes is not None and self.hashes.get(key) != meta[HASH_KEY]:
+            raise MSIFError(f"{self._path(key)} is not the block the index manifest records (another capture's "
+                            f"file). {self.FIX}")
+        return tensors["rows"]
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
-        save_tensors(self._path(key), {"rows": tensor})
+        save_checked(self._path(key), {"rows": tensor})
+
+    def recorded(self) -> Dict[str, str]:
+        """Every block's content hash, read from the files' headers (what ``finish_index`` records)."""
+        out = {}
+        for path in sorted(self.folder.glob("rows.*.safetensors")):
+            with safe_open(str(path), framework="pt") as fh:
+                out[path.name[: -len(".safetensors")]] = (fh.metadata() or {}).get(HASH_KEY, "")
+        return out
 
     def keys(self) -> List[str]:
         return sorted(p.name[: -len(".safetensors")] for p in self.folder.glob("*.safetensors"))
@@ -256,7 +398,12 @@ class SnapshotDir:
 
     A manifest records the format version, library versions, the shared parameters' names and shapes,
     a hash of the weights, how to rebuild the module and the data (class path + hyperparameters), and
-    a fingerprint of the training data, so a later stage can refuse a snapshot that does not fit.
+    a fingerprint of the training data, so a later stage can refuse a snapshot that does not fit; and a
+    hash of its own fields. Every safetensors file but the weights carries its content hash.
+
+    A stage folder is replaced whole (``write_stage``): the new one is written beside it as
+    ``.<stage>.<writer>.new`` and renamed into place, so a reader, or a run killed at any point, finds the
+    old complete stage or the new complete one.
     """
 
     WEIGHTS = "weights.safetensors"
@@ -302,28 +449,82 @@ class SnapshotDir:
     # -- stages ----------------------------------------------------------------------------------------
     def write_stage(self, stage: str, module: nn.Module, shared: str, data: Any = None, train_dataset: Any = None,
                     extra: Optional[Dict[str, Any]] = None) -> DictConfig:
-        """Weights and manifest of ``module`` for ``stage``; returns the manifest as written."""
-        weights = self.weights_path(stage)
+        """Weights and manifest of ``module`` for ``stage``, swapped in as one folder; returns the manifest.
+
+        What else the stage folder holds (stored gradients, fitted curvature, gradient index) belongs to its
+        weights: it is kept when the weights are unchanged and dropped when they changed. Leftovers of a
+        writer that died are cleaned first.
+        """
+        folder = self.root / stage
+        self._settle()
+        remove_stale(self.root)
+        new = temp_path(folder, "new")
+        new.mkdir(parents=True)
+        try:
+            manifest = self._write_new_stage(new, folder, stage, module, {
+                "shared": shared,
+                "shared_params": shared_shapes(module, shared),
+                "trainable": [n for n, p in module.named_parameters() if p.requires_grad],
+                "module": class_record(module),
+                "data": class_record(data) if data is not None else None,
+                "fingerprint": fingerprint(train_dataset) if train_dataset is not None else None,
+                **(extra or {}),
+            })
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        self._swap(folder, new)
+        return manifest
+
+    def _write_new_stage(self, new: Path, folder: Path, stage: str, module: nn.Module,
+                         fields: Dict[str, Any]) -> DictConfig:
+        """Weights, what of the old stage still fits them, then the manifest: from then on ``new`` is complete."""
+        weights = new / self.WEIGHTS
         save_tensors(weights, dict(module.state_dict()), metadata={"format_version": str(FORMAT_VERSION)})
-        manifest = {
+        sha = sha256_file(weights)
+        if self._weights_sha(stage) == sha:
+            _link_tree(folder, new, skip={self.MANIFEST, self.WEIGHTS})
+        return save_manifest(new / self.MANIFEST, {
             "format_version": FORMAT_VERSION,
             "stage": stage,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
-            "shared": shared,
-            "shared_params": shared_shapes(module, shared),
-            "trainable": [n for n, p in module.named_parameters() if p.requires_grad],
-            "weights": {"file": weights.name, "sha256": sha256_file(weights)},
-            "module": class_record(module),
-            "data": class_record(data) if data is not None else None,
-            "fingerprint": fingerprint(train_dataset) if train_dataset is not None else None,
-            **(extra or {}),
-        }
-        save_yaml(self.root / stage / self.MANIFEST, manifest)
-        return OmegaConf.create(manifest)
+            "weights": {"file": weights.name, "sha256": sha},
+            **fields,
+        })
+
+    def _weights_sha(self, stage: str) -> Optional[str]:
+        """The weights hash of the stage now in place, or None when there is no intact one."""
+        try:
+            return str(self.manifest(stage).weights.sha256)
+        except MSIFError:
+            return None
+
+    def _swap(self, folder: Path, new: Path) -> None:
+        """Put the complete stage ``new`` in place of ``folder`` with two renames (``_settle`` finishes the
+        second one if the writer dies between them), then remove the old one."""
+        old = temp_path(folder, "old")
+        if folder.exists():
+            os.rename(folder, old)
+        os.rename(new, folder)
+        fsync_dir(self.root)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _settle(self) -> None:
+        """Finish the swaps of writers that died between their two renames: a complete new stage goes in place."""
+        done = sorted((p for p in self.root.glob(".*.new") if (p / self.MANIFEST).exists() and is_stale(p)),
+                      key=lambda p: (p / self.MANIFEST).stat().st_mtime, reverse=True)  # newest first
+        for new in done:
+            target = self.root / temp_target(new)
+            if not target.exists():
+                try:
+                    os.rename(new, target)
+                except OSError:  # another process settled it first, or this one may not write here
+                    pass
 
     def manifest(self, stage: str) -> DictConfig:
         """The stage's manifest, after checking it exists, is of this format version and is intact."""
+        self._settle()
         folder = self.root / stage
         path = folder / self.MANIFEST
         if not path.exists():
@@ -340,6 +541,7 @@ class SnapshotDir:
                 f"{written}); this lightning-msif ({__version__}) reads format {FORMAT_VERSION}. Re-run that "
                 "stage with this version, or install the version that wrote it."
             )
+        check_manifest(manifest, path, "Re-run that stage to write a consistent snapshot.")
         weights = self.weights_path(stage)  # never a path the manifest names: it may point out of the folder
         if not weights.exists() or sha256_file(weights) != manifest.weights.sha256:
             raise MSIFError(
@@ -358,18 +560,21 @@ class SnapshotDir:
         """``[n, dim]`` rows in dataset order, columns in ``names`` order; ``projection`` recorded (``none``)."""
         meta = {"format_version": str(FORMAT_VERSION), "projection": "none", "names": json.dumps(list(names)),
                 "weights_sha256": weights_sha}
-        return save_tensors(self.root / "pretrain" / self.GRADIENTS, {"gradients": gradients}, metadata=meta)
+        path = self.root / "pretrain" / self.GRADIENTS
+        save_checked(path, {"gradients": gradients}, metadata=meta)
+        return path
 
     def read_gradients(self, weights_sha: str, names: Iterable[str]) -> Optional[torch.Tensor]:
-        """Stored pretraining gradients if they were taken on these weights, in this parameter order; else None."""
+        """Stored pretraining gradients if they were taken on these weights, in this parameter order; else None
+        (refused when the file changed since it was written)."""
         path = self.root / "pretrain" / self.GRADIENTS
         if not path.exists():
             return None
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            fits = (meta.get("projection") == "none" and meta.get("weights_sha256") == weights_sha
-                    and json.loads(meta.get("names", "[]")) == list(names))
-            return fh.get_tensor("gradients") if fits else None
+        tensors, meta = load_checked(path, "Re-run the pretraining stage with store_gradients=True, or delete the "
+                                           "file to score without it.")
+        fits = (meta.get("projection") == "none" and meta.get("weights_sha256") == weights_sha
+                and json.loads(meta.get("names", "[]")) == list(names))
+        return tensors["gradients"] if fits else None
 
     # -- the gradient index of the pretraining set -------------------------------------------------------
     @property
@@ -380,18 +585,22 @@ class SnapshotDir:
         """The index folder for a capture described by ``spec`` (projection, weights hash, data fingerprint,
         dtype, block): an index with another description is removed first; a matching one is kept (resume)."""
         spec = {"format_version": FORMAT_VERSION, **spec}
-        if self.index_spec() != spec:
+        try:
+            current = self.index_spec()
+        except MSIFError:  # edited, damaged or written by an older version: captured again
+            current = None
+        if current != spec:
             shutil.rmtree(self.index_dir, ignore_errors=True)
-            save_yaml(self.index_dir / self.MANIFEST, {**spec, "complete": False})
+            save_manifest(self.index_dir / self.MANIFEST, {**spec, "complete": False})
         return IndexFiles(self.index_dir)
 
     def index_pieces(self) -> IndexFiles:
         """Rows caught during training, by block and rank, until they are assembled into the index."""
-        return IndexFiles(self.root / "pretrain" / "index-pieces")
+        return IndexFiles(self.root / "index-pieces")  # outside the stage folder: the end-of-fit snapshot keeps it
 
     def remove_index_pieces(self) -> None:
         """Remove rows caught during training that were not assembled (e.g. left by an interrupted run)."""
-        shutil.rmtree(self.root / "pretrain" / "index-pieces", ignore_errors=True)
+        shutil.rmtree(self.root / "index-pieces", ignore_errors=True)
 
     def remove_index(self) -> None:
         """Remove the gradient index (e.g. one left by an earlier pretraining run, of other weights)."""
@@ -404,14 +613,18 @@ class SnapshotDir:
     def finish_index(self, projection: Dict[str, Any], duals: Dict[str, torch.Tensor],
                      steps: Optional[Dict[str, Any]] = None) -> None:
         """Mark the index complete (every block written), with the projection it was taken with, the matrices
-        that project vectors alike and, for rows caught in training steps, how many were (``steps``)."""
-        save_tensors(self.index_dir / "projection.safetensors", duals)
-        save_yaml(self.index_dir / self.MANIFEST, {**(self.index_spec() or {}), "projection": projection,
-                                                   "steps": steps, "complete": True})
+        that project vectors alike, every file's content hash and, for rows caught in training steps, how many
+        were (``steps``)."""
+        files = {"projection": save_checked(self.index_dir / "projection.safetensors", duals),
+                 **IndexFiles(self.index_dir).recorded()}
+        save_manifest(self.index_dir / self.MANIFEST, {**(self.index_spec() or {}), "projection": projection,
+                                                       "steps": steps, "files": files, "complete": True})
 
     def _index_manifest(self) -> Optional[Dict[str, Any]]:
         path = self.index_dir / self.MANIFEST
-        return OmegaConf.to_container(read_yaml(path)) if path.exists() else None
+        if not path.exists():
+            return None
+        return OmegaConf.to_container(load_manifest(path, IndexFiles.FIX), resolve=True)
 
     def index_spec(self) -> Optional[Dict[str, Any]]:
         """The description of the index in the folder (without what is written when the capture finishes), or
@@ -419,11 +632,12 @@ class SnapshotDir:
         manifest = self._index_manifest()
         if manifest is None:
             return None
-        return {k: v for k, v in manifest.items() if k not in ("complete", "projection", "steps")}
+        return {k: v for k, v in manifest.items() if k not in ("complete", "projection", "steps", "files", HASH_KEY)}
 
-    def read_index(self, weights_sha: str, dataset: Any) -> Optional[GradientIndex]:
-        """The complete gradient index taken on these pretraining weights and this data, or None when there is
-        none; an error when the folder holds one that does not fit (other weights, other data, unfinished)."""
+    def read_index(self, weights_sha: str, data_fingerprint: Optional[Mapping[str, Any]]) -> Optional[GradientIndex]:
+        """The complete gradient index taken on these pretraining weights and the data of ``data_fingerprint``
+        (``fingerprint(dataset)``; None: not checked), or None when there is none; an error when the folder holds
+        one that does not fit (other weights, other data, unfinished) or a file of it changed since the capture."""
         spec = self._index_manifest()
         if spec is None:
             return None
@@ -433,26 +647,31 @@ class SnapshotDir:
             problems.append(f"format version {spec.get('format_version')} (this library reads {FORMAT_VERSION})")
         if spec.get("weights_sha256") != weights_sha:
             problems.append("other pretraining weights")
-        if dataset is not None and spec.get("fingerprint") != fingerprint(dataset):
+        if data_fingerprint is not None and spec.get("fingerprint") != dict(data_fingerprint):
             problems.append("other pretraining data")
         if not complete:
             problems.append("an unfinished capture")
         if problems:
             raise MSIFError(f"The gradient index in {self.index_dir} does not fit this run: {', '.join(problems)}. "
-                            "Capture it again (PretrainingSnapshot(index_dim=...) at the end of pretraining), or "
-                            "delete that folder to score without it.")
-        duals = load_file(str(self.index_dir / "projection.safetensors"))
-        return GradientIndex(IndexFiles(self.index_dir), int(spec["n"]), spec["projection"], duals, int(spec["block"]))
+                            f"{IndexFiles.FIX}")
+        files = dict(spec["files"])
+        duals, meta = load_checked(self.index_dir / "projection.safetensors", IndexFiles.FIX)
+        if meta[HASH_KEY] != files.pop("projection"):
+            raise MSIFError(f"{self.index_dir / 'projection.safetensors'} is not the projection the index manifest "
+                            f"records. {IndexFiles.FIX}")
+        return GradientIndex(IndexFiles(self.index_dir, files), int(spec["n"]), spec["projection"], duals,
+                             int(spec["block"]))
 
     # -- the score matrix ------------------------------------------------------------------------------
     def write_scores(self, scores: torch.Tensor, record: Dict[str, Any]) -> Path:
-        """``scores.safetensors`` (``scores``, ``pretrain_indices``, ``query_indices``) and ``scores.yaml``."""
+        """``scores.safetensors`` (``scores``, ``pretrain_indices``, ``query_indices``) and ``scores.yaml`` (the
+        record, the matrix file's content hash and the hash of its own fields)."""
         text = OmegaConf.to_yaml(OmegaConf.create(record))
         n, k = scores.shape
-        save_tensors(self.scores_path,
-                     {"scores": scores, "pretrain_indices": torch.arange(n), "query_indices": torch.arange(k)},
-                     metadata={"manifest": text, "format_version": str(FORMAT_VERSION)})
-        save_yaml(self.root / self.SCORES_RECORD, record)
+        sha = save_checked(self.scores_path,
+                           {"scores": scores, "pretrain_indices": torch.arange(n), "query_indices": torch.arange(k)},
+                           metadata={"manifest": text, "format_version": str(FORMAT_VERSION)})
+        save_manifest(self.root / self.SCORES_RECORD, {**record, "scores_sha256": sha})
         return self.scores_path
 
     def scores_record(self) -> Optional[DictConfig]:
@@ -461,10 +680,36 @@ class SnapshotDir:
         return read_yaml(path) if path.exists() else None
 
     def read_scores(self) -> Tuple[torch.Tensor, DictConfig]:
-        """The score matrix and its record."""
-        record = self.scores_record()
-        if not self.scores_path.exists() or record is None:
+        """The score matrix and its record, both checked against their hashes."""
+        path = self.root / self.SCORES_RECORD
+        if not self.scores_path.exists() or not path.exists():
             raise MSIFError(
                 f"No {self.SCORES} in {self.root}: the finetune stage (or `msif score`) writes it after training."
             )
-        return load_file(str(self.scores_path))["scores"], record
+        fix = "Score again (`msif score`, or the finetune stage) to write a consistent pair."
+        record = load_manifest(path, fix)
+        tensors, meta = load_checked(self.scores_path, fix)
+        if meta[HASH_KEY] != record.get("scores_sha256"):
+            raise MSIFError(f"{self.scores_path} is not the matrix {path} describes (a file from another run). {fix}")
+        return tensors["scores"], record
+
+
+def _link_tree(src: Path, dst: Path, skip: Iterable[str]) -> None:
+    """Hard-link (copy where links are not supported) every file under ``src`` into ``dst``, but the top-level
+    names in ``skip`` and temporary files; ``src`` stays intact."""
+    skipped = set(skip)
+    for entry in src.iterdir() if src.is_dir() else ():
+        if entry.name in skipped or entry.name.endswith((".tmp", ".new", ".old")):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dst / entry.name, copy_function=_link_or_copy,
+                            ignore=shutil.ignore_patterns("*.tmp"))
+        else:
+            _link_or_copy(str(entry), str(dst / entry.name))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,4 +1,5 @@
 """The callback with a real Trainer: scores, snapshots, resume, and every inconsistency between stages."""
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -241,9 +242,13 @@ def test_a_gradient_index_captured_at_the_end_of_pretraining_replaces_the_scorin
     ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
     assert rel_err(cb.scores, ref) <= 1e-10
     assert rel_err(rescore(tmp_path, progress=False).scores, ref) <= 1e-10  # from the snapshots: the index again
+    index = SnapshotDir(tmp_path).index_dir
+    shutil.copytree(index, tmp_path / "old-index")
     with torch.no_grad():
         module.head.bias.add_(1.0)  # other pretraining weights: the index no longer fits
     SnapshotDir(tmp_path).write_stage("pretrain", module, "backbone", data=dm, train_dataset=dm.train_set)
+    assert not index.exists()  # a new stage snapshot of other weights drops what belonged to the old ones
+    shutil.copytree(tmp_path / "old-index", index)  # an index of other weights put back by hand is refused
     with pytest.raises(MSIFError, match="gradient index .* does not fit this run: other pretraining weights"):
         rescore(tmp_path, progress=False)
     trainer(callbacks=[PretrainingSnapshot(tmp_path, progress=False)]).fit(module, datamodule=dm)
@@ -263,7 +268,7 @@ def test_a_gradient_index_caught_during_the_last_epoch(tmp_path, limit, caught):
     assert manifest.complete and manifest.capture == "last_epoch"
     assert (manifest.steps.caught, manifest.steps.filled) == (caught, 13 - caught)
     assert manifest.steps.check_error <= 1e-10 and manifest.projection.balanced
-    assert not (Path(tmp_path) / "pretrain" / "index-pieces").exists()
+    assert not (Path(tmp_path) / "index-pieces").exists()
     cb, fine, ft_dm = _finetune(tmp_path, FIXED)
     assert cb.info["scoring"] == "gradient_index"
     ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
@@ -276,6 +281,8 @@ def test_a_gradient_index_from_training_steps_follows_the_trained_weights(tmp_pa
     pre_cb = PretrainingSnapshot(tmp_path, index_dim=8, index_dtype="float64", index_capture="last_epoch",
                                  progress=False)
     trainer(callbacks=[pre_cb], max_epochs=4).fit(module, datamodule=dm)
+    steps = OmegaConf.load(SnapshotDir(tmp_path).index_dir / "manifest.yaml").steps
+    assert (steps.caught, steps.filled) == (40, 0)  # the end-of-fit snapshot (new weights) kept the rows
     cb, fine, ft_dm = _finetune(tmp_path, FIXED)
     ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
     assert 1e-6 < rel_err(cb.scores, ref) < 0.3
