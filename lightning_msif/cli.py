@@ -112,14 +112,10 @@ def parse(command: str, overrides: Sequence[str], base: Optional[Dict[str, Any]]
         raise MSIFError(f"{err.full_key} is required, e.g. {err.full_key}=runs/msif.") from None
     except OmegaConfBaseException as err:
         raise MSIFError(f"bad value for {err.full_key!r}: {str(err).splitlines()[0]}") from None
-    if command in ("score", "report"):
+    if command in ("score", "report"):  # before scoring or rebuilding any example
         check_page_options(cfg.top_k, cfg.max_queries)
     if command == "score":
         arguments_from(InfluenceArguments, OmegaConf.to_container(cfg, resolve=True))  # every value checked
-    if command == "report" or (command == "score" and cfg.report):  # before scoring or rebuilding any example
-        from .reports.publish import check_report_options
-
-        check_report_options(cfg.top_k)
     return cfg
 
 

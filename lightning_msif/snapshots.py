@@ -280,7 +280,7 @@ def check_manifest(manifest: DictConfig, path: PathLike, fix: str) -> DictConfig
 
 def load_manifest(path: PathLike, fix: str) -> DictConfig:
     """A manifest written by ``save_manifest``, checked against its hash."""
-    return check_manifest(OmegaConf.load(path), path, fix)
+    return check_manifest(read_yaml(path), path, fix)
 
 
 # -- resumable partial results -----------------------------------------------------------------

@@ -22,7 +22,9 @@ from lightning_msif.reports.publish import report_scores
 from lightning_msif.snapshots import check_fingerprint, fingerprint
 
 HERE = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+def _env(**extra: str) -> dict:
+    """The environment of a job subprocess, read when it starts (the session's fixtures set some of it)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), **extra}
 NAMES = [f"p{i}" for i in range(26)]  # as tests/integrity_job.py writes the stored gradients
 
 
@@ -54,7 +56,7 @@ def _check_killed(run: Path) -> Tuple[float, bool]:
 
 
 def test_a_stage_snapshot_killed_at_any_point_leaves_the_old_or_the_new_stage_whole(tmp_path):
-    job = subprocess.run([sys.executable, str(HERE / "integrity_job.py"), str(tmp_path), "4"], env=ENV,
+    job = subprocess.run([sys.executable, str(HERE / "integrity_job.py"), str(tmp_path), "4"], env=_env(),
                          capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stderr
     steps = json.loads(job.stdout)
@@ -132,7 +134,7 @@ def test_scoring_killed_with_sigkill_resumes_to_the_identical_matrix(tmp_path, m
     try:
         full = rescore(tmp_path, progress=False).scores
         killed = subprocess.run([sys.executable, "-c", KILLED_SCORING, str(tmp_path)],
-                                env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                                env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
         assert killed.returncode == -9, killed.stderr
         assert len(list((tmp_path / "work").glob("*/scores.*.safetensors"))) == 2  # two blocks survived the kill
         resumed = rescore(tmp_path, progress=False).scores
@@ -264,7 +266,7 @@ def test_report_with_top_k_0_is_refused_before_any_work_and_leaves_the_report_as
     started = time.perf_counter()
     assert main(["report", f"snapshot_dir={tmp_path}", "top_k=0"]) == 2
     assert time.perf_counter() - started < 2.0
-    assert "top_k=0: must be a whole number ≥ 1" in capsys.readouterr().err
+    assert "top_k=0: must be an integer ≥ 1" in capsys.readouterr().err
     assert main(["score", f"snapshot_dir={tmp_path}", "top_k=0"]) == 2  # refused before scoring, not after
     assert "msif score: top_k=0" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()} == report

@@ -12,7 +12,7 @@ from lightning_fixtures import TinyDataModule, TinyModule
 from omegaconf import OmegaConf
 
 from lightning_msif import InfluenceArguments, MSIFError, MultiStageInfluence, SnapshotDir, rescore
-from lightning_msif.atomic import save_yaml
+from lightning_msif.snapshots import save_manifest
 from lightning_msif.cli import main
 from lightning_msif.resolve import from_snapshots
 from lightning_msif.trust import CLASSES_ENV, KEY_ENV, Trust
@@ -66,11 +66,12 @@ def copy(own, tmp_path) -> Path:
 
 
 def _edit(folder: Path, stage: str, slot: str, record) -> None:
-    """Replace a record of ``stage``'s manifest (the weights and their hash stay intact)."""
+    """Replace a record of ``stage``'s manifest (the weights and their hash stay intact), and seal the manifest's
+    field hash again, as whoever edits a manifest can: that hash finds damage, not intent."""
     path = folder / stage / "manifest.yaml"
     manifest = OmegaConf.to_container(OmegaConf.load(path))
     manifest[slot] = record
-    save_yaml(path, manifest)
+    save_manifest(path, manifest)
 
 
 def _msif(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -260,7 +261,7 @@ def test_the_manifest_cannot_point_the_weights_out_of_the_folder(copy):
     shutil.move(copy / "pretrain" / "weights.safetensors", copy / "outside.safetensors")
     manifest = OmegaConf.to_container(OmegaConf.load(copy / "pretrain" / "manifest.yaml"))
     manifest["weights"]["file"] = "../outside.safetensors"
-    save_yaml(copy / "pretrain" / "manifest.yaml", manifest)
+    save_manifest(copy / "pretrain" / "manifest.yaml", manifest)
     with pytest.raises(MSIFError, match="are missing or do not match"):
         SnapshotDir(copy).load_stage("pretrain")
 

@@ -10,16 +10,10 @@ from ..atomic import PathLike
 from ..core.data import dataset_of
 from ..errors import MSIFError
 from .attribution import Attribution
+from .html import MAX_QUERIES, check_page_options
 from .metadata import build_attribution
 from .render import ExampleViews, Renderer
 from .sinks import publish
-
-
-def check_report_options(top_k: Any) -> None:
-    """Refuse report options that would fail half-way through writing the report (before any work)."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise MSIFError(f"top_k={top_k!r}: must be a whole number ≥ 1 (pretraining examples per query and side in "
-                        "the report), e.g. top_k=10.")
 
 
 def check_report_inputs(scores: torch.Tensor, pretrain_data: Any, query_data: Any) -> None:
@@ -51,7 +45,7 @@ def report_scores(scores: torch.Tensor, manifest: Dict[str, Any], out_dir: PathL
     no labels, predictions or pictures. Returns ``publish``'s record of where things went. Every option and
     input is checked before anything is written, so a refused report leaves the previous one as it was.
     """
-    check_report_options(top_k)
+    check_page_options(top_k, MAX_QUERIES if max_queries is None else max_queries)
     check_report_inputs(scores, pretrain_data, query_data)
     if pretrain_data is None and query_data is None:
         attr = Attribution(scores.detach().cpu(), manifest=manifest)
