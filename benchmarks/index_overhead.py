@@ -121,9 +121,9 @@ def main() -> None:
     print("\n| scores | Pearson vs exact | Spearman vs exact |")
     print("|---|---|---|")
     for c, s in scores.items():
-        print(f"| {c} | {float(pearson_corrcoef(s.flatten(), exact.flatten())):.3f} | "
-              f"{float(spearman_corrcoef(s.flatten(), exact.flatten())):.3f} |")
-    a, b = scores["last_epoch"].flatten(), scores["after_fit"].flatten()
+        print(f"| {c} | {float(pearson_corrcoef(s.flatten().double(), exact.flatten().double())):.3f} | "
+              f"{float(spearman_corrcoef(s.flatten().double(), exact.flatten().double())):.3f} |")
+    a, b = scores["last_epoch"].flatten().double(), scores["after_fit"].flatten().double()
     print(f"\nlast_epoch vs after_fit: Pearson {float(pearson_corrcoef(a, b)):.3f}")
 
 

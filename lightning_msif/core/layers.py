@@ -205,18 +205,26 @@ class Capture:
 
 
 def _normalised(layer: Layer, x: torch.Tensor) -> torch.Tensor:
-    """A norm layer's normalised input ``x̂``, formed only where its affine parameters' gradients are wanted."""
+    """A LayerNorm's normalised input ``x̂``, formed only where its affine parameters' gradients are wanted."""
     m = layer.module
-    if layer.kind == "layernorm":
-        dims = tuple(range(x.dim() - len(m.normalized_shape), x.dim()))
-        mean = x.mean(dims, keepdim=True)
-        var = x.var(dims, keepdim=True, unbiased=False)
-        return (x - mean) / torch.sqrt(var + m.eps)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if m.training:  # batchnorm in a training step (``StepCapture``): the batch's statistics, as its forward used
-        dims = (0,) + tuple(range(2, x.dim()))
-        return (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, keepdim=True, unbiased=False) + m.eps)
-    return (x - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)  # eval: running ones
+    dims = tuple(range(x.dim() - len(m.normalized_shape), x.dim()))
+    var, mean = torch.var_mean(x, dims, keepdim=True, unbiased=False)
+    return (x - mean) / torch.sqrt(var + m.eps)
+
+
+def _batch_norm_stats(layer: Layer, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A BatchNorm's per-channel mean and standard deviation: the batch's in a training step (``StepCapture``),
+    as its forward used them, else the running ones."""
+    m = layer.module
+    if not m.training:
+        return m.running_mean, torch.sqrt(m.running_var + m.eps)
+    rest, count = tuple(range(2, x.dim())), x.numel() // x.shape[1]
+    shape = (1, -1) + (1,) * len(rest)
+    # two passes, each reducing the contiguous positions first (var_mean over (0, 2, 3) is ~7x slower on CPU)
+    mean = (x.sum(rest).sum(0) if rest else x.sum(0)) / count
+    d = x - mean.view(shape)
+    var = ((d * d).sum(rest).sum(0) if rest else (d * d).sum(0)) / count
+    return mean, torch.sqrt(var + m.eps)
 
 
 class StepCapture(Capture):
@@ -233,6 +241,8 @@ class StepCapture(Capture):
             if len(calls) > before:
                 call = calls[-1]
                 node, nr = call.edge.node, call.edge.output_nr
+                call.edge = None  # the node holds the hook, which holds the call: no way back, so no cycle that
+                # would keep the step's whole graph (and its saved activations) alive after the step
 
                 def arrived(grads: Tuple[Optional[torch.Tensor], ...]) -> None:
                     call.grad = grads[nr]
@@ -347,16 +357,18 @@ def example_grads(layer: Layer, calls: Sequence[Call]) -> Dict[str, torch.Tensor
             if m.padding_idx is not None:
                 w[:, m.padding_idx] = 0
             add(layer.weight, w)
-        else:  # norm affine: elementwise on the normalised input
+        elif layer.kind == "layernorm":  # elementwise on the normalised input
             xhat, g = _normalised(layer, call.inputs), call.grad
-            if layer.kind == "layernorm":
-                lead = tuple(range(1, g.dim() - len(m.normalized_shape)))
-                add(layer.weight, (g * xhat).sum(lead) if lead else g * xhat)
-                add(layer.bias, g.sum(lead) if lead else g)
-            else:  # batchnorm: channel dim 1
-                rest = tuple(range(2, g.dim()))
-                add(layer.weight, (g * xhat).sum(rest) if rest else g * xhat)
-                add(layer.bias, g.sum(rest) if rest else g)
+            lead = tuple(range(1, g.dim() - len(m.normalized_shape)))
+            add(layer.weight, (g * xhat).sum(lead) if lead else g * xhat)
+            add(layer.bias, g.sum(lead) if lead else g)
+        else:  # batchnorm, channel dim 1: Σ g x̂ = (Σ g x − μ Σ g) / σ per channel, x̂ never formed
+            x, g = call.inputs, call.grad
+            rest = tuple(range(2, g.dim()))
+            gx, gs = ((g * x).sum(rest), g.sum(rest)) if rest else (g * x, g)
+            mean, std = _batch_norm_stats(layer, x)
+            add(layer.weight, (gx - mean * gs) / std)
+            add(layer.bias, gs)
     return out
 
 

@@ -68,15 +68,17 @@ class StepIndex:
         """Hooks for one training step (enter it around the step's forward and backward)."""
         return StepCapture(self.lmap, batch_size)
 
-    def _prepare(self, capture: StepCapture, scale: float) -> None:
-        """Undo the step's loss scaling (mean over the batch, accumulation, loss scaler) and autocast's precision."""
+    def _prepare(self, capture: StepCapture, scale: float = 1.0) -> None:
+        """Undo autocast's precision and (``scale``) the step's loss scaling: mean over the batch, accumulation, a
+        loss scaler."""
         capture.check()
+        dtype = self.obj.dtype
         for calls in capture.calls.values():
             for call in calls:
-                if call.inputs.is_floating_point():
-                    call.inputs = call.inputs.to(self.obj.dtype)
-                if call.grad is not None:
-                    call.grad = call.grad.to(self.obj.dtype) * scale
+                if call.inputs.is_floating_point() and call.inputs.dtype != dtype:
+                    call.inputs = call.inputs.to(dtype)
+                if call.grad is not None and (scale != 1.0 or call.grad.dtype != dtype):
+                    call.grad = call.grad.to(dtype) * scale
 
     def add_moments(self, capture: StepCapture, scale: float, count: int) -> None:
         """One training step's hooks into the K-FAC moments that will balance the projection."""
@@ -93,11 +95,12 @@ class StepIndex:
         return self.projection
 
     def rows(self, capture: StepCapture, scale: float) -> torch.Tensor:
-        """``[B, out_dim]``: the step's examples' projected gradients."""
-        self._prepare(capture, scale)
+        """``[B, out_dim]``: the step's examples' projected gradients (linear in the output gradients, so the loss
+        scale is undone on the rows, not on every layer's gradients)."""
+        self._prepare(capture)
         assert self.projection is not None, "build() the projection first"
         return self.projection.project(capture, covered_grads(capture, set(self.projection.others)),
-                                       capture.batch_size)
+                                       capture.batch_size) * scale
 
     def check(self, rows: torch.Tensor, reference: torch.Tensor) -> None:
         """Compare the first step's rows with the batch's own per-example gradients (projected): an error when
