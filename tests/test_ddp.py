@@ -1,5 +1,6 @@
 """Real multi-process DDP (2 CPU processes, gloo): scores equal the single-process computation."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,21 @@ def test_bert_with_default_settings_under_ddp_equals_one_process(tmp_path_factor
     single = rescore(out, progress=False).scores
     assert ddp.shape == (25, 7) and torch.isfinite(ddp).all()
     assert rel_err(ddp, single) <= 1e-4  # float32 models: only the order of the sums differs
+
+
+def test_a_rank_killed_while_scoring_stops_the_job_with_an_error(tmp_path) -> None:
+    """Rank 1 is SIGKILLed inside the scoring pass: rank 0 must not wait for it forever, and no scores are
+    written. The job runs in its own session, so nothing it started outlives the test."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(HERE / "ddp_rank_dies_job.py"), str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the job
+        except ProcessLookupError:
+            pass
+    assert proc.returncode != 0, err[-3000:]
+    assert (tmp_path / "pretrain" / "manifest.yaml").exists()  # it got as far as scoring
+    assert not (tmp_path / "scores.safetensors").exists()
