@@ -21,9 +21,8 @@ Conventions the influence engine meets here and not in ``reference.py``:
 """
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple, Union
 
 import lightning as L
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_msif.rescoring import torch_threads
 
 VOCAB = 64  # token ids 1..63 are words, 0 is padding (BERT's pad_token_id)
 PAD = 0
@@ -240,19 +241,6 @@ def loader(data: Dataset, batch_size: int = 8, shuffle: bool = True, seed: int =
 
 
 # -------------------------------------------------------------------------------------------- training
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` for the block, restored after (``None``: leave as is). These tensors are
-    tiny: on a busy 2-core machine a second intra-op thread only contends (a ResNet build took 10 s, not 0.13 s)."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def batch_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
