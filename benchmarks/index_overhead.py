@@ -14,6 +14,7 @@ plain run's own training epoch:
 
     python benchmarks/index_overhead.py            # n = 10,000
     python benchmarks/index_overhead.py --quick    # n = 1,000: a smoke run
+    python benchmarks/index_overhead.py --final-lr 0.01   # the last epoch at 1 % of the rate (an annealed end)
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ from lightning_msif import PretrainingSnapshot, SnapshotDir, compute_single_stag
 
 
 class Classifier(L.LightningModule):
-    def __init__(self, classes: int = 10):
+    def __init__(self, classes: int = 10, final_lr: float = 1.0):
         super().__init__()
         self.model = ResNet9(classes)
+        self.final_lr = final_lr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -48,8 +50,11 @@ class Classifier(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self.per_example_loss(batch).mean()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
+    def configure_optimizers(self) -> Any:
+        adam = torch.optim.Adam(self.parameters(), lr=1e-3)
+        last = self.trainer.max_epochs - 1  # the learning rate × final_lr in the last epoch (an annealed end)
+        schedule = torch.optim.lr_scheduler.LambdaLR(adam, lambda epoch: self.final_lr if epoch >= last else 1.0)
+        return {"optimizer": adam, "lr_scheduler": schedule}
 
 
 class Clock(L.Callback):
@@ -68,9 +73,9 @@ class Clock(L.Callback):
         self.end = time.perf_counter()
 
 
-def fit(data: Any, batch_size: int, folder: str, capture: str, dim: int) -> Dict[str, Any]:
+def fit(data: Any, batch_size: int, folder: str, capture: str, dim: int, final_lr: float) -> Dict[str, Any]:
     L.seed_everything(0, verbose=False)
-    module, clock = Classifier(), Clock()
+    module, clock = Classifier(final_lr=final_lr), Clock()
     callbacks: List[L.Callback] = [clock]
     if capture != "none":
         callbacks.append(PretrainingSnapshot(folder, shared="model", index_dim=dim, index_capture=capture,
@@ -87,16 +92,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--final-lr", type=float, default=1.0,
+                        help="learning-rate factor in the last epoch (1: constant; 0.01: an annealed end)")
     args = parser.parse_args()
     n = 1_000 if args.quick else args.n
     data = images(n + 32, 10, seed=0)
     train, queries = Subset(data, range(n)), Subset(data, range(n, n + 32))
-    print(f"# CNN (ResNet-9 shape), n = {n}, batch {args.batch_size}, index dim {args.dim}; {platform.processor()}, "
+    print(f"# CNN (ResNet-9 shape), n = {n}, batch {args.batch_size}, index dim {args.dim}, last-epoch lr × {args.final_lr}; {platform.processor()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for capture in ("none", "last_epoch", "after_fit"):
-            runs[capture] = fit(train, args.batch_size, f"{tmp}/{capture}", capture, args.dim)
+            runs[capture] = fit(train, args.batch_size, f"{tmp}/{capture}", capture, args.dim, args.final_lr)
             if capture != "none":
                 runs[capture]["index"] = SnapshotDir(f"{tmp}/{capture}").read_index(
                     str(SnapshotDir(f"{tmp}/{capture}").manifest("pretrain").weights.sha256), None)
