@@ -34,6 +34,8 @@ PretrainingSnapshotConfig = settings_schema(
         ("index_block", int, setting(4096, "examples per file of the gradient index")),
         ("index_autocast", Optional[str], setting(None, "bfloat16 | float16: capture the index under torch.autocast "
                                                        "(null: full precision)")),
+        ("index_capture", str, setting("after_fit", "after_fit | last_epoch: the index from a dedicated pass after "
+                                                    "training, or from the last epoch's own training steps")),
         ("progress", bool, setting(True, "progress bars on rank 0")),
     ],
     base=ScoreArguments,
