@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning_fixtures import TinyDataModule, TinyModule, trainer
 from omegaconf import OmegaConf
@@ -271,6 +272,25 @@ def test_a_gradient_index_caught_during_the_last_epoch(tmp_path, limit, caught):
     assert not (Path(tmp_path) / "index-pieces").exists()
     cb, fine, ft_dm = _finetune(tmp_path, FIXED)
     assert cb.info["scoring"] == "gradient_index"
+    ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
+    assert rel_err(cb.scores, ref) <= 1e-10
+
+
+def test_a_run_too_short_for_the_last_epoch_capture_gets_the_dedicated_pass(tmp_path):
+    """Stopped early (as by early stopping: after the first of 5 epochs) before the epoch before the last: no step
+    fed the index, so it comes from the pass after training, complete and exact at full dimension."""
+
+    class StopAfterOneEpoch(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    dm, module = TinyDataModule(), TinyModule()
+    pre_cb = PretrainingSnapshot(tmp_path, index_dim=8, index_dtype="float64", index_capture="last_epoch",
+                                 progress=False)
+    trainer(callbacks=[pre_cb, StopAfterOneEpoch()], max_epochs=5).fit(module, datamodule=dm)
+    manifest = OmegaConf.load(SnapshotDir(tmp_path).index_dir / "manifest.yaml")
+    assert manifest.complete and manifest.steps is None
+    cb, fine, ft_dm = _finetune(tmp_path, FIXED)
     ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
     assert rel_err(cb.scores, ref) <= 1e-10
 

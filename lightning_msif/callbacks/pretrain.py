@@ -163,7 +163,7 @@ class PretrainingSnapshot(StageCallback):
                                        "weights_sha256": self._weights_sha(trainer),
                                        "fingerprint": fingerprint(dataset)})
         trainer.strategy.barrier("msif_index_open")
-        if self.steps is not None:
+        if self.steps is not None and self.steps.started:
             described, duals, counts = self.steps.finish(trainer, pl_module, self.progress and trainer.is_global_zero)
             trainer.strategy.barrier("msif_index")
             if trainer.is_global_zero:

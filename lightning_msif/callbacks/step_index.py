@@ -206,6 +206,12 @@ class LastEpochIndex:
     def on_train_batch_end(self) -> None:
         self._close()  # a step that ran no backward (training_step returned None)
 
+    @property
+    def started(self) -> bool:
+        """Whether any training step fed the index (a run stopped before the epoch before the last has none: its
+        index then comes from the dedicated pass)."""
+        return self.step is not None and (self.step.projection is not None or self.step.moments.count > 0)
+
     def finish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                progress: bool) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:
         """Assemble the index (the examples no step gave are captured now); returns its projection's description
