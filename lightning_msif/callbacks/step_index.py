@@ -24,6 +24,7 @@ from ..core.objective import LossFn
 from ..core.training_index import StepIndex
 from ..distributed import current_comm
 from ..errors import MSIFError
+from ..resolve import single_loader
 from ..snapshots import SnapshotDir
 from .common import train_loader
 
@@ -59,9 +60,7 @@ class SamplerLog:
 
 def _loader(trainer: "pl.Trainer") -> Any:
     """The loader the fit loop iterates (after Lightning put its distributed sampler in)."""
-    loader = trainer.train_dataloader
-    iterables = getattr(loader, "iterables", None)
-    return iterables if iterables is not None and not isinstance(iterables, (dict, list)) else loader
+    return single_loader(trainer.train_dataloader)
 
 
 def epochs_left(trainer: "pl.Trainer") -> Optional[int]:
