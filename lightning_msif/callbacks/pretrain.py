@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import lightning.pytorch as pl
+from omegaconf import OmegaConf
 
 from ..atomic import PathLike
 from ..core.arguments import InfluenceArguments
@@ -22,7 +23,7 @@ from ..core.scoring import DEFAULT_BLOCK
 from ..core.objective import LossFn, module_loss
 from ..distributed import current_comm
 from ..errors import MSIFError
-from ..snapshots import SnapshotDir, fingerprint
+from ..snapshots import SnapshotDir
 from .common import StageCallback, check_strategy, train_loader
 from .step_index import INDEX_CAPTURES, LastEpochIndex
 
@@ -161,7 +162,8 @@ class PretrainingSnapshot(StageCallback):
         if trainer.is_global_zero:
             self.snapshots.open_index({**self.index, "n": len(dataset), "shared": self.shared,
                                        "weights_sha256": self._weights_sha(trainer),
-                                       "fingerprint": fingerprint(dataset)})
+                                       # as the snapshot just took it: the data is hashed once per fit
+                                       "fingerprint": OmegaConf.to_container(self.manifest.fingerprint)})
         trainer.strategy.barrier("msif_index_open")
         if self.steps is not None and self.steps.started:
             described, duals, counts = self.steps.finish(trainer, pl_module, self.progress and trainer.is_global_zero)
