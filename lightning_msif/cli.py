@@ -130,13 +130,13 @@ def _loggers(cfg: Any) -> List[Any]:
 
 
 def run_report(cfg: Any) -> Dict[str, Any]:
-    """Views from ``scores.safetensors`` and the snapshots, to local files and the configured loggers."""
+    """Views from the scores (read block by block) and the snapshots, to local files and the configured loggers."""
     from .reports.publish import report_scores
     from .resolve import from_snapshots
     from .snapshots import SnapshotDir
 
     snapshots = SnapshotDir(cfg.snapshot_dir)
-    scores, record = snapshots.read_scores()
+    scores, record = snapshots.score_matrix()
     examples: Dict[str, Any] = {}
     trust = Trust.of(cfg.trust_records, cfg.trusted_classes)
     try:
@@ -162,7 +162,8 @@ def run_score(cfg: Any) -> None:
     arguments = arguments_from(InfluenceArguments, OmegaConf.to_container(cfg, resolve=True))
     outcome = rescore(cfg.snapshot_dir, arguments, progress=cfg.progress, trust_records=cfg.trust_records,
                       trusted_classes=cfg.trusted_classes, threads=cfg.threads)
-    print(f"scores {tuple(outcome.scores.shape)} written to {cfg.snapshot_dir}/scores.safetensors")
+    layout = "streamed blocks" if outcome.scores is None else "scores.safetensors"
+    print(f"scores {outcome.shape} written to {cfg.snapshot_dir} ({layout}, scores.yaml)")
 
 
 def run_evaluate(cfg: Any) -> None:

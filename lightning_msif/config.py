@@ -39,7 +39,7 @@ PretrainingSnapshotConfig = settings_schema(
         ("progress", bool, setting(True, "progress bars on rank 0")),
     ],
     base=ScoreArguments,
-    exclude=("damping", "solver", "solver_options", "scoring", "query_rank"),
+    exclude=("damping", "solver", "solver_options", "scoring", "query_rank", "stream_scores"),
     doc="Everything ``PretrainingSnapshot`` takes that YAML can hold (curvature settings as in InfluenceArguments).",
 )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,9 +41,11 @@ class ScoringInputs:
 
 @dataclass
 class ScoringOutcome:
-    """What a scoring run computed, the record written beside it (``scores.yaml``) and where it went."""
+    """What a scoring run computed, the record written beside it (``scores.yaml``) and where it went;
+    ``scores`` is None when the matrix was streamed to disk (``SnapshotDir.score_matrix`` reads it)."""
 
-    scores: torch.Tensor
+    scores: Optional[torch.Tensor]
+    shape: Tuple[int, int]
     info: Dict[str, Any]
     record: Dict[str, Any] = field(default_factory=dict)  # filled on global rank 0
     files: List[Path] = field(default_factory=list)  # filled on global rank 0
@@ -86,7 +88,8 @@ def run_scoring(inputs: ScoringInputs, args: InfluenceArguments, snapshots: Snap
         pretrain_gradients=stored, factors=snapshots.factors(identity["pretrain_weights"]) if identity else None,
         index=index,
     )
-    outcome = ScoringOutcome(result.scores, result.info)
+    shape = (int(result.info["n_pretrain"]), int(result.info["n_query"]))
+    outcome = ScoringOutcome(result.scores, shape, result.info)
     if comm.rank == 0:
         outcome.record = {
             **record,
@@ -99,7 +102,10 @@ def run_scoring(inputs: ScoringInputs, args: InfluenceArguments, snapshots: Snap
             "info": _plain(result.info),
             "sign": SIGN,
         }
-        snapshots.write_scores(result.scores.detach().cpu(), outcome.record)
+        if result.scores is None:
+            snapshots.write_score_blocks(store, shape, outcome.record)
+        else:
+            snapshots.write_scores(result.scores.detach().cpu(), outcome.record)
         outcome.files = snapshots.scores_files
     comm.all_reduce_sum(torch.zeros(1))  # every rank has finished reading the work folder
     if comm.rank == 0:

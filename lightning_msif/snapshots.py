@@ -10,10 +10,11 @@ import inspect
 import json
 import os
 import platform
+import secrets
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from .atomic import (PathLike, fsync_dir, is_stale, remove_stale, save_tensors, 
                      temp_target)
 from .core.index import GradientIndex
 from .core.params import shared_names
+from .core.scoring import DenseScores, ScoreMatrix
 from .errors import MSIFError
 from .trust import Trust, load_class, sign
 from .version import __version__
@@ -290,18 +292,23 @@ class FileStore:
     def __init__(self, folder: PathLike):
         self.folder = Path(folder)
 
-    def _path(self, key: str) -> Path:
+    def path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
 
+    def spans(self) -> List[Tuple[int, int]]:
+        """The ``(start, stop)`` of every score block here (``scores.<start>-<stop>``)."""
+        names = (p.name[len("scores."):-len(".safetensors")] for p in self.folder.glob("scores.*-*.safetensors"))
+        return [(int(a), int(b)) for a, _, b in (name.partition("-") for name in names)]
+
     def get(self, key: str) -> Optional[torch.Tensor]:
-        path = self._path(key)
+        path = self.path(key)
         if not path.exists():
             return None
         fix = f"Delete {self.folder} (it holds partial results only) and run again."
         return load_checked(path, fix)[0]["t"]
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
-        save_checked(self._path(key), {"t": tensor})
+        save_checked(self.path(key), {"t": tensor})
 
     def clear(self) -> None:
         """Remove this run's partial results (and the work folder once it is empty)."""
@@ -394,6 +401,7 @@ class SnapshotDir:
         finetune/manifest.yaml  finetune/weights.safetensors
         work/<key>/*.safetensors     partial results of an unfinished scoring run
         scores.safetensors  scores.yaml   the score matrix and how it was computed
+        score-blocks/<id>/scores.<start>-<stop>.safetensors   a streamed matrix's row blocks (instead)
         report/                      CSV tables and report.html
 
     A manifest records the format version, library versions, the shared parameters' names and shapes,
@@ -411,6 +419,7 @@ class SnapshotDir:
     GRADIENTS = "gradients.safetensors"
     SCORES = "scores.safetensors"
     SCORES_RECORD = "scores.yaml"
+    SCORE_BLOCKS = "score-blocks"
 
     def __init__(self, root: PathLike):
         self.root = Path(root)
@@ -431,7 +440,11 @@ class SnapshotDir:
 
     @property
     def scores_files(self) -> List[Path]:
-        """What a W&B artifact of the scores holds."""
+        """What a W&B artifact of the scores holds: the matrix (or its streamed blocks) and its record."""
+        record = self.scores_record()
+        if record is not None and record.get("layout") == "blocks":
+            folder = self.root / self.SCORE_BLOCKS / str(record.blocks_folder)
+            return [*sorted(folder.glob("scores.*.safetensors")), self.root / self.SCORES_RECORD]
         return [self.scores_path, self.root / self.SCORES_RECORD]
 
     @property
@@ -671,27 +684,109 @@ class SnapshotDir:
         sha = save_checked(self.scores_path,
                            {"scores": scores, "pretrain_indices": torch.arange(n), "query_indices": torch.arange(k)},
                            metadata={"manifest": text, "format_version": str(FORMAT_VERSION)})
-        save_manifest(self.root / self.SCORES_RECORD, {**record, "scores_sha256": sha})
+        save_manifest(self.root / self.SCORES_RECORD, {**record, "layout": "matrix", "shape": [n, k],
+                                                       "scores_sha256": sha})
+        self._drop_score_blocks(keep=None)
         return self.scores_path
+
+    def write_score_blocks(self, store: FileStore, shape: Tuple[int, int], record: Dict[str, Any]) -> Path:
+        """A streamed matrix: the row blocks a scoring run left in ``store`` (``scores.<start>-<stop>``), linked into
+        ``score-blocks/<id>/`` and then named, with their hashes, by ``scores.yaml``. Until that record is
+        replaced the previous scores stay whole; afterwards the previous files are removed."""
+        n, k = shape
+        spans = sorted(store.spans())
+        if [a for a, _ in spans] != [b for _, b in [(0, 0), *spans[:-1]]] or not spans or spans[-1][1] != n:
+            raise MSIFError(f"The streamed scores in {store.folder} cover rows {spans[:3]}… of {n}: some blocks are "
+                            "missing. Score again (the run resumes from the blocks it has).")
+        folder = self.root / self.SCORE_BLOCKS / secrets.token_hex(8)
+        remove_stale(self.root / self.SCORE_BLOCKS)
+        new = temp_path(folder, "new")
+        new.mkdir(parents=True)
+        hashes = {}
+        for start, stop in spans:
+            source = store.path(f"scores.{start}-{stop}")
+            _link_or_copy(str(source), str(new / source.name))
+            with safe_open(str(source), framework="pt") as fh:
+                hashes[f"{start}-{stop}"] = (fh.metadata() or {})[HASH_KEY]
+        os.rename(new, folder)
+        fsync_dir(folder.parent)
+        save_manifest(self.root / self.SCORES_RECORD, {**record, "layout": "blocks", "shape": [n, k],
+                                                       "blocks_folder": folder.name, "blocks": hashes})
+        self.scores_path.unlink(missing_ok=True)
+        self._drop_score_blocks(keep=folder.name)
+        return folder
+
+    def _drop_score_blocks(self, keep: Optional[str]) -> None:
+        """Remove the block folders no record names (those of earlier runs)."""
+        parent = self.root / self.SCORE_BLOCKS
+        for entry in parent.iterdir() if parent.is_dir() else ():
+            if entry.name != keep and temp_target(entry) is None:
+                shutil.rmtree(entry, ignore_errors=True)
 
     def scores_record(self) -> Optional[DictConfig]:
         """How the last scores were computed (``scores.yaml``), or None before any scoring run."""
         path = self.root / self.SCORES_RECORD
         return read_yaml(path) if path.exists() else None
 
-    def read_scores(self) -> Tuple[torch.Tensor, DictConfig]:
-        """The score matrix and its record, both checked against their hashes."""
+    def score_matrix(self) -> Tuple[ScoreMatrix, DictConfig]:
+        """The last scores, read block by block (a streamed matrix is never loaded whole), and their record."""
         path = self.root / self.SCORES_RECORD
-        if not self.scores_path.exists() or not path.exists():
+        fix = "Score again (`msif score`, or the finetune stage) to write a consistent set."
+        if not path.exists():
             raise MSIFError(
-                f"No {self.SCORES} in {self.root}: the finetune stage (or `msif score`) writes it after training."
+                f"No {self.SCORES_RECORD} in {self.root}: the finetune stage (or `msif score`) writes the scores "
+                "after training."
             )
-        fix = "Score again (`msif score`, or the finetune stage) to write a consistent pair."
         record = load_manifest(path, fix)
+        if record.get("layout") != "blocks":
+            return DenseScores(self._read_matrix(record, fix)), record
+        name = str(record.blocks_folder)
+        if Path(name).name != name or name.startswith("."):
+            raise MSIFError(f"{path} names the block folder {name!r}, which is not a plain folder name. {fix}")
+        return ScoreFiles(self.root / self.SCORE_BLOCKS / name, record, fix), record
+
+    def _read_matrix(self, record: DictConfig, fix: str) -> torch.Tensor:
+        if not self.scores_path.exists():
+            raise MSIFError(f"No {self.SCORES} in {self.root}, which {self.SCORES_RECORD} describes. {fix}")
         tensors, meta = load_checked(self.scores_path, fix)
         if meta[HASH_KEY] != record.get("scores_sha256"):
-            raise MSIFError(f"{self.scores_path} is not the matrix {path} describes (a file from another run). {fix}")
-        return tensors["scores"], record
+            raise MSIFError(f"{self.scores_path} is not the matrix {self.SCORES_RECORD} describes (a file from "
+                            f"another run). {fix}")
+        return tensors["scores"]
+
+    def read_scores(self) -> Tuple[torch.Tensor, DictConfig]:
+        """The whole score matrix and its record, checked against their hashes (streamed blocks are joined: for
+        a matrix too large to hold, read ``score_matrix()`` block by block instead)."""
+        matrix, record = self.score_matrix()
+        if isinstance(matrix, DenseScores):
+            return matrix.scores, record
+        return torch.cat([rows for _, rows in matrix.blocks()]), record
+
+
+class ScoreFiles:
+    """A streamed score matrix on disk (``ScoreMatrix``): its row blocks, each checked against the hash the
+    record gives it when it is read."""
+
+    def __init__(self, folder: Path, record: DictConfig, fix: str):
+        self.folder, self.fix = folder, fix
+        self.n, self.k = (int(v) for v in record.shape)
+        self.hashes = {tuple(int(v) for v in span.split("-")): str(sha) for span, sha in record.blocks.items()}
+        self.spans = sorted(self.hashes)
+        if not self.spans or self.spans[0][0] != 0 or self.spans[-1][1] != self.n or any(
+                a[1] != b[0] for a, b in zip(self.spans, self.spans[1:])):
+            raise MSIFError(f"The score blocks recorded for {folder} do not cover rows 0 to {self.n - 1}. {fix}")
+
+    def blocks(self) -> Iterator[Tuple[int, torch.Tensor]]:
+        for start, stop in self.spans:
+            path = self.folder / f"scores.{start}-{stop}.safetensors"
+            if not path.exists():
+                raise MSIFError(f"The score block {path} is missing. {self.fix}")
+            tensors, meta = load_checked(path, self.fix)
+            rows = tensors["t"]
+            if meta[HASH_KEY] != self.hashes[start, stop] or tuple(rows.shape) != (stop - start, self.k):
+                raise MSIFError(f"{path} is not the block the score record describes (a file from another run). "
+                                f"{self.fix}")
+            yield start, rows
 
 
 def _link_tree(src: Path, dst: Path, skip: Iterable[str]) -> None:

@@ -2,7 +2,8 @@
 
 Usage: python tests/ddp_job.py OUT_DIR [DEVICES]. Pretrains once with two pretrain callbacks (two
 snapshot dirs), then finetunes in fixed mode (exact solver, scored from a gradient index captured by both ranks in
-blocks of 4) into OUT_DIR/fixed and in updated mode (CG, enforced proximal term, stored pretraining gradients)
+blocks of 4, the scores streamed: each rank writes its own blocks, none gathers them) into OUT_DIR/fixed and
+in updated mode (CG, enforced proximal term, stored pretraining gradients)
 into OUT_DIR/updated. n = 13 pretraining examples: not divisible by 2.
 """
 import sys
@@ -15,7 +16,7 @@ from lightning_fixtures import TinyDataModule, TinyModule, trainer  # noqa: E402
 from lightning_msif import MultiStageInfluence, PretrainingSnapshot, load_pretrained  # noqa: E402
 
 SETTINGS = {
-    "fixed": dict(mode="fixed", damping=0.01, solver="exact"),
+    "fixed": dict(mode="fixed", damping=0.01, solver="exact", stream_scores=True),
     "updated": dict(mode="updated", alpha=0.5, damping=0.5, solver="cg", solver_options={"tol": 1e-12, "max_iter": 300}),
 }
 

@@ -268,7 +268,10 @@ def test_partial_store_resumes_only_what_is_missing(make_store, solve_calls):
         partial = store.without(key)
         solve_calls.clear()
         again = run(partial)
-        assert torch.equal(again, first), key
+        if key.startswith("scoring_method"):  # "auto" times both methods again and may take the other way
+            assert rel_err(again, first) <= 1e-12, key
+        else:
+            assert torch.equal(again, first), key
         assert partial.puts == [key], (key, partial.puts)
         solves_per_key[key] = len(solve_calls)
     assert sorted(solves_per_key.values()) == [0] * (len(store.data) - 1) + [1], solves_per_key

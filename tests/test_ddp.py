@@ -47,6 +47,7 @@ def test_ddp_scores_equal_single_process(ddp_run: Path, name: str) -> None:
     ft.setup("fit")
     settings = dict(SETTINGS[name])
     options = settings.pop("solver_options", {})
+    settings.pop("stream_scores", None)  # one process, in memory: the streamed blocks must equal its matrix
     index = None
     if name == "fixed":  # the index both ranks wrote (blocks dealt round-robin) equals one process's, file by file
         index = capture_gradient_index(pre, pt.train_set, MemoryIndexStore(), shared="backbone", dim=INDEX["index_dim"],
@@ -65,13 +66,17 @@ def test_ddp_scores_equal_single_process(ddp_run: Path, name: str) -> None:
         assert manifest.info.scoring == "stored_gradients"  # gathered from both ranks, rows in dataset order
     else:
         assert manifest.info.scoring == "gradient_index"
+        # streamed: blocks of 4 rows written by both ranks (never gathered), named with their hashes by the record
+        assert manifest.layout == "blocks" and list(manifest.blocks) == ["0-4", "4-8", "8-12", "12-13"]
+        assert not (folder / "scores.safetensors").exists()
 
 
 def test_rescore_from_ddp_snapshots(ddp_run: Path) -> None:
     """A later single process re-scores from the snapshots alone (modules and data rebuilt from records)."""
     folder = ddp_run / "fixed"
     before = MultiStageInfluence.load_scores(folder)
-    again = rescore(folder, progress=False).scores
+    assert rescore(folder, progress=False).scores is None  # the last run's settings: streamed to disk again
+    again = MultiStageInfluence.load_scores(folder)
     assert rel_err(again, before) <= 1e-10
 
 

@@ -206,7 +206,7 @@ def test_renders_in_a_headless_browser(tmp_path: Path, report: Tuple[Path, Attri
     assert len([t for t in dom.tables if "msif-table" in t["class"]]) == len(expected.tables)
     assert dom.count("msif-example") == int(dom.body["data-decoded"]) == len(expected.images)
     first = [float(v) for v in dom.body["data-sorted-desc"].split(",")]
-    assert first == sorted(att.scores[:, 0].tolist())[:TOP_K][::-1]
+    assert first == sorted(att.scores.scores[:, 0].tolist())[:TOP_K][::-1]
     assert dom.body["data-total-shown"] == "true"
 
     shot = tmp_path / "report.png"

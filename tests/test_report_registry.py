@@ -81,7 +81,7 @@ def _check_top_k_csv(path: Path, scores: torch.Tensor) -> None:
 
 
 def _check_received(report: ReportContext, scores: torch.Tensor, written: Dict[str, Any], step: int) -> None:
-    assert torch.equal(report.attr.scores, scores)
+    assert torch.equal(report.attr.scores.scores, scores)
     assert report.top_k == TOP_K and report.step == step
     rows = report.attr.top_k(report.top_k)
     assert len(rows) == ROWS and {r["query_index"] for r in rows} == set(range(K))

@@ -97,14 +97,14 @@ class MultiStageInfluence(StageCallback):
         self.render = render
         self.report = report
         self.progress = progress
-        self.scores: Optional[torch.Tensor] = None  # on global rank 0, after finetuning
+        self.scores: Optional[torch.Tensor] = None  # on global rank 0, after finetuning (None when streamed)
         self.info: Dict[str, Any] = {}
         self._pretrain_class_names: Optional[List[str]] = None
         self._theta_hat: Dict[str, torch.Tensor] = {}
         self._pretrain_manifest: Any = None
 
     def state_dict(self) -> Dict[str, Any]:
-        return {**super().state_dict(), "scored": self.scores is not None}
+        return {**super().state_dict(), "scored": bool(self.info)}
 
     @staticmethod
     def load_scores(snapshot_dir: PathLike) -> torch.Tensor:
@@ -205,11 +205,13 @@ class MultiStageInfluence(StageCallback):
         self.info = outcome.info
         if not trainer.is_global_zero:
             return
-        self.scores = outcome.scores.detach().cpu()
-        rank_zero_info(f"[msif] scores {tuple(self.scores.shape)} written to {self.snapshots.scores_path}")
+        self.scores = outcome.scores.detach().cpu() if outcome.scores is not None else None
+        layout = "streamed blocks" if self.scores is None else self.snapshots.SCORES
+        rank_zero_info(f"[msif] scores {outcome.shape} written to {self.snapshots.root} ({layout})")
         if self.report:
+            matrix = self.scores if self.scores is not None else self.snapshots.score_matrix()[0]
             written = report_scores(
-                self.scores, outcome.record, self.snapshots.report_dir, pretrain_data=self.pretrain_data,
+                matrix, outcome.record, self.snapshots.report_dir, pretrain_data=self.pretrain_data,
                 query_data=query, finetune_model=pl_module, pretrain_class_names=self._pretrain_class_names,
                 query_class_names=class_names_of(trainer.datamodule) if trainer.datamodule else None,
                 render=self.render, top_k=self.top_k, loggers=trainer.loggers, artifact_files=outcome.files,

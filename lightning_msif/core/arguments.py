@@ -60,6 +60,9 @@ class ScoreArguments:
     query_rank: int = setting(8, "scoring=lowrank: rank of each query's vector per layer (exact from min(out, in))")
     gradients: str = setting("auto", "per-example gradients: auto (torch.func where the model allows it, else "
                                      "module hooks) | func | hooks")
+    stream_scores: Optional[bool] = setting(None, "write the score matrix to disk block by block and never hold it "
+                                                  "in memory; the reports read the blocks (null: when it is over "
+                                                  "1 GiB)")
 
     def __post_init__(self) -> None:
         check_float("damping", self.damping, strict=False, meaning="it is added to every inverted Hessian")
@@ -71,6 +74,9 @@ class ScoreArguments:
         check_int("hessian_samples", self.hessian_samples, optional=True, meaning="None: every example")
         check_int("chunk_size", self.chunk_size, optional=True, meaning="examples per gradient chunk; None: by memory")
         _choice("gradients", self.gradients, GRADIENTS)
+        if self.stream_scores is not None and not isinstance(self.stream_scores, bool):
+            raise MSIFError(f"stream_scores={self.stream_scores!r} must be true, false or null (null: stream a "
+                            "score matrix over 1 GiB).")
         for name in ("solver_options", "curvature_options"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):

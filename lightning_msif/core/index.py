@@ -15,7 +15,7 @@ import torch
 from ..errors import MSIFError
 from .objective import Objective
 from .projection import Projection
-from .scoring import DEFAULT_BLOCK, SCORING_BATCH_FACTOR, gather_in_order
+from .scoring import DEFAULT_BLOCK, SCORING_BATCH_FACTOR, RowBlocks, ScoreStore
 
 INDEX_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -126,17 +126,18 @@ def index_rows(store: IndexStore, n: int, block: int = DEFAULT_BLOCK, rank: int 
 
 
 def index_scores(store: IndexStore, n: int, projected: torch.Tensor, comm: Any, block: int = DEFAULT_BLOCK,
-                 progress: Optional[Any] = None) -> torch.Tensor:
+                 progress: Optional[Any] = None, scores: Optional[ScoreStore] = None,
+                 stream: bool = False) -> Optional[torch.Tensor]:
     """``S [n, k] = −rows · projectedᵀ`` on every rank: each rank reads its blocks, then all gather (in
-    ``projected``'s dtype; the rows are widened to it block by block)."""
-    parts, order = [], []
+    ``projected``'s dtype; the rows are widened to it block by block). ``stream``: the score blocks go to
+    ``scores`` only and nothing is returned (``RowBlocks``)."""
+    out = RowBlocks(comm, scores, projected, stream)
     for start, stop, rows in index_rows(store, n, block, comm.rank, comm.world_size):
         if rows.shape != (stop - start, projected.shape[1]):
             raise MSIFError(f"The gradient index's block {block_key(start, stop)} holds {tuple(rows.shape)} rows, "
                             f"but ({stop - start}, {projected.shape[1]}) were expected: the index belongs to "
                             "another projection. Capture it again.")
-        parts.append(-(rows.to(projected.device, projected.dtype) @ projected.T))
-        order.append(torch.arange(start, stop, device=projected.device))
+        out.add(start, stop, -(rows.to(projected.device, projected.dtype) @ projected.T))
         if progress is not None:
             progress.update(stop - start)
-    return gather_in_order(comm, parts, order, projected.new_zeros(0, projected.shape[0]))
+    return out.finish()

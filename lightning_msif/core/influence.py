@@ -32,16 +32,18 @@ from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_s
 from .precision import in_compute_dtype, scoring_pair
 from .progress import PassProgress, ResidualProgress, closing, new_bar
 from .projection import Projection
-from .scoring import DEFAULT_BLOCK, SCORING_BATCH_FACTOR, ScoreStore, agreed, cached, fastest_method, score_pass
+from .scoring import (DEFAULT_BLOCK, SCORING_BATCH_FACTOR, STREAM_ABOVE_BYTES, RowBlocks, ScoreStore, agreed, cached,
+                      fastest_method, row_blocks, score_pass)
 from .solvers import SOLVERS, solve
 from .training_index import StepIndex, assemble
 
 
 @dataclass
 class InfluenceResult:
-    """Scores ``[n_train, n_query]`` and how they were computed (sizes, solver convergence, timings)."""
+    """Scores ``[n_train, n_query]`` and how they were computed (sizes, solver convergence, timings); ``scores`` is
+    None when they were streamed (``stream_scores``: every block is in the run's store, none in memory)."""
 
-    scores: torch.Tensor
+    scores: Optional[torch.Tensor]
     info: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,6 +168,15 @@ class _Run:
             return CURVATURES.get(name).cross_product(obj, rows, cols, vectors, self.curvature_indices(len(obj.source)),
                                                       self.args.curvature_options_of(name))
 
+    def streams(self, n: int, s: torch.Tensor) -> bool:
+        """Whether the ``[n, k]`` scores of the vectors ``s`` stay in the store instead of being gathered
+        (``stream_scores``; None: when a store is given and the matrix is over ``STREAM_ABOVE_BYTES``)."""
+        stream = self.args.stream_scores
+        if stream is None:
+            stream = self.store is not None and n * s.shape[0] * s.element_size() > STREAM_ABOVE_BYTES
+        self.info["scores"] = "streamed" if stream else "gathered"
+        return bool(stream)
+
     def solve(self, name: str, op: Curvature, rhs: torch.Tensor) -> torch.Tensor:
         solver, why = self.args.solver, "as configured"
         if solver == "auto":
@@ -204,7 +215,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, run: _Run) -> torch.Tensor:
+def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, run: _Run) -> Optional[torch.Tensor]:
     """Step 3: one streaming pass over the training examples (resumable through ``run.store``)."""
     method = run.args.scoring
     if method == "auto":  # timed once; kept in the store, so a resumed run takes the same way (identical scores)
@@ -220,9 +231,19 @@ def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, run: _Run) -
     run.info["scoring"] = method
     bar = run.bar(len(obj.source), f"scoring {obj.role} examples")
     with run.phase("score_pass"):
-        scores = score_pass(obj, space, s, method, run.store, bar, rank=run.args.query_rank)
+        scores = score_pass(obj, space, s, method, run.store, bar, rank=run.args.query_rank,
+                            stream=run.streams(len(obj.source), s))
     closing(bar)
     return scores
+
+
+def _stored_scores(gradients: torch.Tensor, s: torch.Tensor, run: _Run) -> Optional[torch.Tensor]:
+    """Step 3 from stored per-example gradients ``[n, dim]``: one product per block of rows."""
+    stream = run.streams(len(gradients), s)
+    out = RowBlocks(run.comm, run.store if stream else None, s, stream)
+    for start, stop in row_blocks(len(gradients), DEFAULT_BLOCK, run.comm):
+        out.add(start, stop, -(gradients[start:stop].to(s.device, s.dtype) @ s.T))
+    return out.finish()
 
 
 def _gradients(obj: Objective, space: ParamSpace, run: _Run) -> torch.Tensor:
@@ -235,7 +256,8 @@ def _gradients(obj: Objective, space: ParamSpace, run: _Run) -> torch.Tensor:
 
 
 def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.Tensor], run: _Run,
-                     gradients: Optional[torch.Tensor] = None, index: Optional[GradientIndex] = None) -> torch.Tensor:
+                     gradients: Optional[torch.Tensor] = None,
+                     index: Optional[GradientIndex] = None) -> Optional[torch.Tensor]:
     """Steps 2 and 3: ``s = (H_pt + λI)⁻¹ rhs()``, then the scoring pass; ``s`` is reused on resume.
 
     With stored per-example ``gradients`` ``[n, dim]`` (in ``space`` order) step 3 is one product; with a gradient
@@ -259,13 +281,14 @@ def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.T
     if gradients is not None:
         run.info["scoring"] = "stored_gradients"
         with run.phase("score_pass"):
-            return -(gradients.to(s.device, s.dtype) @ s.T)
+            return _stored_scores(gradients, s, run)
     if projection is not None:
         run.info["scoring"] = "gradient_index"
         run.info["index"] = {k: index.projection.get(k) for k in ("kind", "dim", "seed", "out_dim", "balanced")}
         bar = run.bar(index.n, f"scoring {pt.role} examples from the gradient index")
         with run.phase("score_pass"):
-            scores = index_scores(index.store, index.n, projection.vectors(s), run.comm, index.block, bar)
+            scores = index_scores(index.store, index.n, projection.vectors(s), run.comm, index.block, bar, run.store,
+                                  run.streams(index.n, s))
         closing(bar)
         return scores
     return _score_pass(pt, space, s, run)
@@ -518,6 +541,7 @@ def compute_multistage(
     scoring: str = "auto",
     query_rank: int = 8,
     gradients: str = "auto",
+    stream_scores: Optional[bool] = None,
     loss_fn: Optional[LossFn] = None,
     pretrain_loss_fn: Optional[LossFn] = None,
     finetune_loss_fn: Optional[LossFn] = None,
@@ -542,14 +566,15 @@ def compute_multistage(
     ``lissa_depth``, ``lissa_scale``, ``lissa_repeats``, ``lissa_batch_size``, ``lissa_seed``,
     ``max_dense_params``, ``rhs_chunk_size``). Losses ``(model, batch) → per-example values [B]``:
     ``loss_fn`` for every stage, or ``pretrain_loss_fn`` / ``finetune_loss_fn`` / ``query_fn``. ``comm``: a
-    process group (``lightning_msif.distributed``); ``store``: keeps partial results so a rerun resumes;
+    process group (``lightning_msif.distributed``); ``store``: keeps partial results so a rerun resumes (and,
+    with ``stream_scores``, the score blocks, which are then not returned: ``scores`` is None);
     ``pretrain_gradients``: ``[n, dim]`` from ``per_example_gradients``, replacing the scoring pass;
     ``index``: a gradient index from ``capture_gradient_index``, replacing it with one product per block.
     """
     args = InfluenceArguments(shared=shared, mode=mode, alpha=alpha, damping=damping, curvature=curvature,
                               solver=solver, hessian_samples=hessian_samples, chunk_size=chunk_size, scoring=scoring,
-                              query_rank=query_rank,
-                              gradients=gradients, **_options(solver_options, curvature_options, options))
+                              query_rank=query_rank, gradients=gradients, stream_scores=stream_scores,
+                              **_options(solver_options, curvature_options, options))
     if mode == "fixed" and alpha is not None:
         warnings.warn(f"alpha={alpha} is ignored in mode='fixed' (it is the proximal strength of mode='updated').",
                       stacklevel=2)
@@ -579,6 +604,7 @@ def compute_single_stage(
     scoring: str = "auto",
     query_rank: int = 8,
     gradients: str = "auto",
+    stream_scores: Optional[bool] = None,
     loss_fn: Optional[LossFn] = None,
     query_fn: Optional[LossFn] = None,
     progress: bool = False,
@@ -594,7 +620,7 @@ def compute_single_stage(
     """
     args = ScoreArguments(damping=damping, curvature=curvature, solver=solver, hessian_samples=hessian_samples,
                           chunk_size=chunk_size, scoring=scoring, query_rank=query_rank, gradients=gradients,
-                          **_options(solver_options, curvature_options, options))
+                          stream_scores=stream_scores, **_options(solver_options, curvature_options, options))
     run = _Run(args, progress, comm or LocalComm(), store)
     loss = loss_fn or cross_entropy_loss
     train_src, query_src = ExampleSource(train_data, "train_data"), ExampleSource(query_data, "query_data")

@@ -2,21 +2,25 @@
 
 Examples are cut into fixed global blocks handed to ranks round-robin, so the partition does not
 depend on the number of processes. A ``ScoreStore`` (optional) keeps finished blocks and solved
-vectors, so an interrupted run resumes where it stopped, on any number of processes.
+vectors, so an interrupted run resumes where it stopped, on any number of processes. A matrix too large
+to hold is *streamed*: its blocks stay in the store only and are never gathered (``RowBlocks``).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 
+from ..errors import MSIFError
 from .lowrank import LowRankQueries
 from .objective import Objective
 from .params import ParamSpace
 
 DEFAULT_BLOCK = 4096
 SCORING_BATCH_FACTOR = 4
+STREAM_ABOVE_BYTES = 2**30
+"""``stream_scores=None`` streams a score matrix larger than this (1 GiB: 268M float32 scores, e.g. 1M × 256)."""
 
 AUTO_JVP_MAX_QUERIES = 16
 """``'auto'`` scoring considers forward mode up to this many queries, per-example gradients always.
@@ -59,6 +63,28 @@ class ScoreStore(Protocol):
         """Save ``tensor`` under ``key`` (atomically)."""
 
 
+class ScoreMatrix(Protocol):
+    """A score matrix ``[n, k]`` read block of rows by block, in dataset order: in memory (``DenseScores``) or
+    on disk (a snapshot's streamed blocks). The reports take either, so no view needs the whole matrix."""
+
+    n: int
+    k: int
+
+    def blocks(self) -> Iterator[Tuple[int, torch.Tensor]]:
+        """``(start, rows)`` for consecutive row blocks covering ``0 … n − 1``."""
+
+
+class DenseScores:
+    """A ``ScoreMatrix`` held in memory (one block)."""
+
+    def __init__(self, scores: torch.Tensor):
+        self.scores = scores.detach().cpu()
+        self.n, self.k = self.scores.shape
+
+    def blocks(self) -> Iterator[Tuple[int, torch.Tensor]]:
+        yield 0, self.scores
+
+
 def agreed(comm: Any, found: bool) -> bool:
     """True only when every rank found its piece (ranks must take the same branch)."""
     flag = torch.tensor([1.0 if found else 0.0])
@@ -78,8 +104,9 @@ def cached(store: Optional[ScoreStore], comm: Any, key: str, compute: Callable[[
 
 def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
                store: Optional[ScoreStore] = None, progress: Optional[Any] = None,
-               block: Optional[int] = None, rank: int = 8) -> torch.Tensor:
-    """``[n, k]`` scores on every rank; each rank computes (or reloads) its blocks, then all gather.
+               block: Optional[int] = None, rank: int = 8, stream: bool = False) -> Optional[torch.Tensor]:
+    """``[n, k]`` scores on every rank; each rank computes (or reloads) its blocks, then all gather (``stream``:
+    the blocks are left in ``store`` and nothing is returned).
 
     ``method`` is ``'grad'``, ``'jvp'``, ``'lowrank'`` (the queries at ``rank`` per layer) or ``'auto'`` (see
     ``fastest_method``).
@@ -88,32 +115,71 @@ def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
     if method == "auto":
         method = fastest_method(obj, space, s)[0]
     lowrank = LowRankQueries(obj, space, s, rank) if method == "lowrank" else None
-    block = block or DEFAULT_BLOCK
-    starts = list(range(0, n, block))[comm.rank :: comm.world_size]
     # Fewer, larger vectorised calls: up to SCORING_BATCH_FACTOR × the data's batch size per read,
     # within one gradient chunk (activation memory then stays near a training step's).
     bs = obj.source.batch_size
     size = max(bs, min(obj.chunk_for(space), SCORING_BATCH_FACTOR * bs))
-    parts: List[torch.Tensor] = []
-    rows: List[torch.Tensor] = []
-    for start in starts:
-        stop = min(start + block, n)
-        key = f"scores.{start}-{stop}"
-        part = store.get(key) if store is not None else None
-        if part is None:
+    out = RowBlocks(comm, store, s, stream)
+    for start, stop in row_blocks(n, block or DEFAULT_BLOCK, comm):
+        if not out.has(start, stop):
             pieces = []
             for batch, idx in obj.batches(range(start, stop), shard=False, batch_size=size):
                 piece = lowrank.scores(batch) if lowrank is not None else obj.dot_grads(space, s, batch, method)
                 obj.assert_finite(piece, "per-example gradients", idx)
                 pieces.append(piece)
-            part = -torch.cat(pieces)
-            if store is not None:
-                store.put(key, part.detach().cpu())
+            out.add(start, stop, -torch.cat(pieces))
         if progress is not None:
             progress.update(stop - start)
-        parts.append(part.to(s.device, s.dtype))
-        rows.append(torch.arange(start, stop, device=s.device))
-    return gather_in_order(comm, parts, rows, s.new_zeros(0, s.shape[0]))
+    return out.finish()
+
+
+def row_blocks(n: int, block: int, comm: Any) -> List[Tuple[int, int]]:
+    """This rank's ``(start, stop)`` blocks of ``n`` rows: fixed global blocks of ``block`` rows, round-robin."""
+    return [(start, min(start + block, n)) for start in range(0, n, block)][comm.rank :: comm.world_size]
+
+
+def block_name(start: int, stop: int) -> str:
+    """The store key of the score rows ``start:stop``."""
+    return f"scores.{start}-{stop}"
+
+
+class RowBlocks:
+    """This rank's finished row blocks of a score matrix: saved to the store (when there is one, so a rerun
+    resumes) and either kept to be gathered in dataset order, or (``stream``) left in the store only, so that
+    no process ever holds the matrix."""
+
+    def __init__(self, comm: Any, store: Optional[ScoreStore], like: torch.Tensor, stream: bool = False):
+        if stream and store is None:
+            raise MSIFError("stream_scores=True writes the score matrix block by block to a store, and none was "
+                            "given: score through the callback or `msif score`, pass store=, or leave it None.")
+        self.comm, self.store, self.like, self.stream = comm, store, like, stream
+        self.parts: List[torch.Tensor] = []
+        self.rows: List[torch.Tensor] = []
+
+    def has(self, start: int, stop: int) -> bool:
+        """True (and the block taken) when an earlier, identical run finished this block."""
+        part = self.store.get(block_name(start, stop)) if self.store is not None else None
+        if part is not None:
+            self._keep(start, stop, part)
+        return part is not None
+
+    def add(self, start: int, stop: int, part: torch.Tensor) -> None:
+        """A newly computed block ``[stop - start, k]``."""
+        if self.store is not None:
+            self.store.put(block_name(start, stop), part.detach().cpu())
+        self._keep(start, stop, part)
+
+    def _keep(self, start: int, stop: int, part: torch.Tensor) -> None:
+        if not self.stream:
+            self.parts.append(part.to(self.like.device, self.like.dtype))
+            self.rows.append(torch.arange(start, stop, device=self.like.device))
+
+    def finish(self) -> Optional[torch.Tensor]:
+        """The whole matrix on every rank, or None when streamed (every rank's blocks are in the store)."""
+        if self.stream:
+            self.comm.all_reduce_sum(torch.zeros(1))  # every rank has written its blocks
+            return None
+        return gather_in_order(self.comm, self.parts, self.rows, self.like.new_zeros(0, self.like.shape[0]))
 
 
 def gather_in_order(comm: Any, parts: List[torch.Tensor], rows: List[torch.Tensor],

@@ -7,7 +7,6 @@ example is an ``<img class="msif-example">``.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 import math
 from collections import defaultdict
@@ -255,10 +254,10 @@ def _histogram(att: Attribution, bins: int = 50) -> str:
               f'<text x="{left - 6}" y="{top + 8}" text-anchor="end">{int(tallest)}</text>',
               f'<text x="{left - 6}" y="{base}" text-anchor="end">0</text>',
               f'<text x="{left + pw / 2}" y="{height - 2}" text-anchor="middle">score S (nats)</text>']
-    s = att.scores.flatten()
-    share = lambda mask: f"{100 * float(mask.double().mean()):.1f}%"
-    return (f'<p class="note">All {s.numel()} scores ({att.n} pretraining × {att.k} queries), {bins} bins: '
-            f'<span class="harmful">{share(s > 0)} harmful</span>, <span class="helpful">{share(s < 0)} helpful'
+    share = lambda count: f"{100 * count / h['total']:.1f}%"
+    return (f'<p class="note">All {h["total"]} scores ({att.n} pretraining × {att.k} queries), {bins} bins: '
+            f'<span class="harmful">{share(h["positive"])} harmful</span>, <span class="helpful">'
+            f'{share(h["negative"])} helpful'
             f'</span>. Bar heights: counts on a log scale (log(1 + count)). Hover a bar for its range and count.</p>'
             f'<svg class="msif-histogram" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
             f'role="img" aria-label="Histogram of all scores">{"".join(parts)}</svg>')
@@ -282,16 +281,10 @@ def _removal(att: Attribution, images: _Images, top_k: int) -> str:
             f'<div class="scroll">{_table(head, body, "msif-removal")}</div>')
 
 
-def _first_queries(att: Attribution, m: int) -> Attribution:
-    cut = lambda t: None if t is None else t[:m]
-    return dataclasses.replace(att, scores=att.scores[:, :m], query_labels=cut(att.query_labels),
-                               query_predictions=cut(att.query_predictions))
-
-
 def _queries(att: Attribution, images: _Images, top_k: int, max_queries: int) -> str:
     shown = min(att.k, max_queries)
     groups: Dict[Tuple[int, str], List[Dict[str, Any]]] = defaultdict(list)
-    for row in _first_queries(att, shown).top_k(top_k):
+    for row in att.top_k(top_k, queries=shown):
         groups[row["query_index"], row["side"]].append(row)
     head = ("Rank", "Index", "Label", "Image", "Score S (nats)", "Δ loss if removed (nats)")
     links, sections = [], []

@@ -1,13 +1,14 @@
 """What the reports say about examples: labels, the finetuned model's predictions, class names."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..core.data import ExampleSource, class_names_of, dataset_of, to_device  # class_names_of: re-exported
 from ..core.objective import evaluation
+from ..core.scoring import ScoreMatrix
 from .attribution import Attribution
 
 
@@ -48,12 +49,13 @@ def predictions_of(model: nn.Module, data: Any) -> Optional[torch.Tensor]:
     return torch.cat(out)
 
 
-def build_attribution(scores: torch.Tensor, pretrain_data: Any, query_data: Any, finetune_model: Optional[nn.Module] = None,
+def build_attribution(scores: Union[torch.Tensor, ScoreMatrix], pretrain_data: Any, query_data: Any,
+                      finetune_model: Optional[nn.Module] = None,
                       manifest: Optional[dict] = None, pretrain_class_names: Optional[Sequence[str]] = None,
                       query_class_names: Optional[Sequence[str]] = None) -> Attribution:
     """An ``Attribution`` with whatever labels, predictions and names the data and model give."""
     return Attribution(
-        scores=scores.detach().cpu(),
+        scores=scores,
         pretrain_labels=labels_of(pretrain_data),
         query_labels=labels_of(query_data),
         query_predictions=predictions_of(finetune_model, query_data) if finetune_model is not None else None,

@@ -174,8 +174,11 @@ def log_tensorboard(writer: Any, attr: Attribution, top_k: int, step: int = 0, p
     classes = attr.class_influence()
     if classes is not None:
         writer.add_figure(f"{prefix}/class_heatmap", figures.heatmap(classes), step)
-    writer.add_figure(f"{prefix}/score_histogram", figures.histogram(attr.histogram()), step)
-    writer.add_histogram(f"{prefix}/scores", attr.scores.detach().cpu().double().numpy(), step)
+    hist = attr.histogram()
+    writer.add_figure(f"{prefix}/score_histogram", figures.histogram(hist), step)
+    writer.add_histogram_raw(f"{prefix}/scores", min=hist["min"], max=hist["max"], num=hist["total"], sum=hist["sum"],
+                             sum_squares=hist["sum_squares"], bucket_limits=hist["edges"][1:],
+                             bucket_counts=hist["counts"], global_step=step)
     writer.flush()
 
 
