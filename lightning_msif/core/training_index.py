@@ -24,14 +24,17 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from ..errors import MSIFError
 from .comm import Communicator
 from .curvature.kfac import KFACCurvature, KFACOptions, Moments, KFACFit
 from .index import INDEX_DTYPES, IndexStore, blocks, block_key
+from .data import to_device
 from .layers import StepCapture, covered_grads
 from .objective import Objective
 from .params import ParamSpace
+from .precision import follow
 from .projection import Projection
 
 SPILL_BYTES = 256 << 20
@@ -41,21 +44,31 @@ CHECK_TOLERANCE = 0.5
 step's loss is taken not to be a mean of per-example losses (dropout alone moves them far less)."""
 
 
+def refuse_leftovers(leftover: Sequence[str], precision: Optional[str] = None) -> None:
+    """An error when parameters no layer hook covers are to be indexed from training steps (``precision``: the
+    trainer's, named when it is what put unknown layers in, e.g. Transformer Engine's)."""
+    if leftover:
+        under = f" (precision={precision!r})" if precision is not None else ""
+        raise MSIFError(
+            f"The gradient index cannot be caught from training steps for parameters no layer hook covers{under}: "
+            f"{list(leftover)[:5]}. Capture it after training instead (index_capture='after_fit'), which forms "
+            "their per-example gradients one example at a time.")
+
+
 class StepIndex:
     """The rows of a gradient index, from training steps: first K-FAC moments for the balancing curvature
     (``add_moments``), then the projection (``build``), then rows (``add_rows``) kept as pieces in ``pieces`` and
     assembled into the index's blocks at the end (``assemble``)."""
 
     def __init__(self, obj: Objective, space: ParamSpace, pieces: IndexStore, *, dim: int, seed: int = 0,
-                 kind: str = "eigen", damping: float = 0.0, dtype: str = "float32"):
+                 kind: str = "eigen", damping: float = 0.0, dtype: str = "float32",
+                 trained: Optional[nn.Module] = None):
         self.obj, self.space, self.pieces = obj, space, pieces
         self.dim, self.seed, self.kind, self.damping, self.dtype = dim, seed, kind, damping, INDEX_DTYPES[dtype]
-        self.lmap = obj.layer_map(space)
-        if self.lmap.leftover:
-            raise MSIFError(
-                f"The gradient index cannot be caught from training steps for parameters no layer hook covers: "
-                f"{self.lmap.leftover[:5]}. Capture it after training instead (index_capture='after_fit'), which "
-                "forms their per-example gradients one example at a time.")
+        self.trained = obj.bound.model if trained is None else trained
+        lmap = obj.layer_map(space)
+        refuse_leftovers(lmap.leftover)
+        self.lmap = lmap.on(self.trained)  # the steps run on the trained module; the products on obj's model
         self.options = KFACOptions(fisher="empirical")
         self.fit = KFACFit(obj, space, self.options)
         self.moments = Moments(self.fit)
@@ -65,12 +78,13 @@ class StepIndex:
         self.check_error: Optional[float] = None
 
     def watch(self, batch_size: int) -> StepCapture:
-        """Hooks for one training step (enter it around the step's forward and backward)."""
+        """Hooks on the trained module for one training step (enter it around the step's forward and backward)."""
         return StepCapture(self.lmap, batch_size)
 
     def _prepare(self, capture: StepCapture, scale: float = 1.0) -> None:
-        """Undo autocast's precision and (``scale``) the step's loss scaling: mean over the batch, accumulation, a
-        loss scaler."""
+        """Widen what the step computed in half precision (a bf16/fp16 module, autocast) to the compute dtype, so
+        every product after is in float32 (float64 for a float64 module), and undo (``scale``) the step's loss
+        scaling: mean over the batch, accumulation, a loss scaler."""
         capture.check()
         dtype = self.obj.dtype
         for calls in capture.calls.values():
@@ -101,6 +115,20 @@ class StepIndex:
         assert self.projection is not None, "build() the projection first"
         return self.projection.project(capture, covered_grads(capture, set(self.projection.others)),
                                        capture.batch_size) * scale
+
+    def reference(self, batch: Any) -> torch.Tensor:
+        """The projected per-example gradients of a step's ``batch`` in the compute dtype, at the trained module's
+        current weights and in its modes (its dropout masks as far as the random state allows); BatchNorm's running
+        statistics are left as they were."""
+        model = self.obj.bound.model
+        follow(model, self.trained)
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        try:
+            return self.projection.examples(to_device(batch, self.obj.device, self.obj.dtype))
+        finally:
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    v.copy_(buffers[k])
 
     def check(self, rows: torch.Tensor, reference: torch.Tensor) -> None:
         """Compare the first step's rows with the batch's own per-example gradients (projected): an error when
