@@ -32,7 +32,7 @@ from .curvature.kfac import KFACCurvature, KFACOptions, Moments, KFACFit
 from .index import INDEX_DTYPES, IndexStore, blocks, block_key
 from .data import to_device
 from .layers import StepCapture, covered_grads
-from .objective import Objective
+from .objective import Objective, full_precision
 from .params import ParamSpace
 from .precision import follow
 from .projection import Projection
@@ -40,8 +40,12 @@ from .projection import Projection
 SPILL_BYTES = 256 << 20
 """Rows kept in memory before they are written out as pieces of their blocks (bounded memory)."""
 CHECK_TOLERANCE = 0.5
-"""The first step's rows may differ from the batch's per-example gradients by this much (relative) before the
-step's loss is taken not to be a mean of per-example losses (dropout alone moves them far less)."""
+"""The first step's rows may differ from the batch's per-example gradients (the reference, computed in float32, or
+float64 for a float64 module) by this much (relative) before the step's loss is taken not to be a mean of per-example
+losses. One bound for every training precision: what it must catch is far off (a summed loss by B − 1 ≥ 1), while
+the step's own arithmetic moves the rows by its rounding only (0 to ~1e-6 in float32/float64; a bf16 step rounds its
+activations and gradients to 8 significant bits, ~1e-2, an fp16 one to 11, ~1e-3; both grow slowly with depth) and
+dropout masks the random state reproduces not at all."""
 
 
 def refuse_leftovers(leftover: Sequence[str], precision: Optional[str] = None) -> None:
@@ -117,14 +121,15 @@ class StepIndex:
                                        capture.batch_size) * scale
 
     def reference(self, batch: Any) -> torch.Tensor:
-        """The projected per-example gradients of a step's ``batch`` in the compute dtype, at the trained module's
-        current weights and in its modes (its dropout masks as far as the random state allows); BatchNorm's running
-        statistics are left as they were."""
+        """The projected per-example gradients of a step's ``batch`` in the compute dtype (no autocast), at the trained
+        module's current weights and in its modes (its dropout masks as far as the random state allows); BatchNorm's
+        running statistics are left as they were."""
         model = self.obj.bound.model
         follow(model, self.trained)
         buffers = {k: v.clone() for k, v in model.named_buffers()}
         try:
-            return self.projection.examples(to_device(batch, self.obj.device, self.obj.dtype))
+            with full_precision(model):
+                return self.projection.examples(to_device(batch, self.obj.device, self.obj.dtype))
         finally:
             with torch.no_grad():
                 for k, v in model.named_buffers():
