@@ -18,6 +18,10 @@ against the dedicated pass, each row being the gradient *of the step that traine
 The step's loss must be the mean of its examples' losses (Lightning's and Hugging Face's convention), scaled
 by the trainer (gradient accumulation, a loss scaler): the caller passes that scale, and the first captured
 step is checked against the per-example gradients of the same batch.
+
+Precision: a step in bfloat16/float16 (a half-precision module, autocast) hands its hooks half-precision inputs and
+gradients; they are widened first, so every product runs in the compute dtype (``core/precision.py``) on a copy of
+the module that follows its weights, as the dedicated pass computes. Only the step's own rounding stays in the rows.
 """
 from __future__ import annotations
 
@@ -49,8 +53,8 @@ dropout masks the random state reproduces not at all."""
 
 
 def refuse_leftovers(leftover: Sequence[str], precision: Optional[str] = None) -> None:
-    """An error when parameters no layer hook covers are to be indexed from training steps (``precision``: the
-    trainer's, named when it is what put unknown layers in, e.g. Transformer Engine's)."""
+    """An error when parameters no layer hook covers are to be indexed from training steps; ``precision``, the
+    trainer's, is named (a precision plugin may put in layers the hooks do not know, as Transformer Engine does)."""
     if leftover:
         under = f" (precision={precision!r})" if precision is not None else ""
         raise MSIFError(
@@ -62,7 +66,8 @@ def refuse_leftovers(leftover: Sequence[str], precision: Optional[str] = None) -
 class StepIndex:
     """The rows of a gradient index, from training steps: first K-FAC moments for the balancing curvature
     (``add_moments``), then the projection (``build``), then rows (``add_rows``) kept as pieces in ``pieces`` and
-    assembled into the index's blocks at the end (``assemble``)."""
+    assembled into the index's blocks at the end (``assemble``). The hooks go on ``trained`` (default: ``obj``'s
+    model), the module being trained; every product runs on ``obj``'s model, its copy in the compute dtype."""
 
     def __init__(self, obj: Objective, space: ParamSpace, pieces: IndexStore, *, dim: int, seed: int = 0,
                  kind: str = "eigen", damping: float = 0.0, dtype: str = "float32",
