@@ -128,7 +128,7 @@ class LastEpochIndex:
             return
         self.start(trainer, pl_module)
         if self.phase == "rows":
-            if self.step.moments.count:
+            if self.step.offered:
                 self.step.build()
             self._attach(trainer)
 
@@ -158,7 +158,7 @@ class LastEpochIndex:
         self.doing = None
         if self.phase == "moments":
             self.doing = "moments" if batch_idx >= trainer.num_training_batches - k else None
-        elif self.step.projection is None and (not self.step.moments.count or batch_idx < k):
+        elif self.step.projection is None and (not self.step.offered or batch_idx < k):
             self.doing = "moments"  # no earlier epoch gave the moments: this epoch's first batches do
         else:
             if self.step.projection is None:
@@ -183,7 +183,7 @@ class LastEpochIndex:
             self.step.add_moments(capture, scale, capture.batch_size)
             return
         rows = self.step.rows(capture, scale)
-        if self.step.check_error is None:
+        if self.step.check_error is None and bool(torch.isfinite(rows).all()):  # the first step the scaler kept
             torch.set_rng_state(self.rng)  # the step's dropout masks; inside untouched_rng: training's stream goes on
             self.step.check(rows, self.step.reference(self.batch))
         self.step.add_rows(rows, self.idx, len(self.step.obj.source), self.index["block"])
@@ -201,7 +201,7 @@ class LastEpochIndex:
     def started(self) -> bool:
         """Whether any training step fed the index (a run stopped before the epoch before the last has none: its
         index then comes from the dedicated pass)."""
-        return self.step is not None and (self.step.projection is not None or self.step.moments.count > 0)
+        return self.step is not None and (self.step.projection is not None or self.step.offered > 0)
 
     def finish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                progress: bool) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:

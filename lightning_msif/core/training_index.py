@@ -13,7 +13,7 @@ against the dedicated pass, each row being the gradient *of the step that traine
 - coverage: parameters no hook covers (leftovers) cannot be had from a training step, so such a model is
   refused; examples the epoch does not reach (``drop_last``, ``limit_train_batches``, a run stopped early) and
   rows that are not finite (a mixed-precision step the loss scaler skips) are filled by a dedicated pass over
-  just those examples, at the final weights.
+  just those examples, at the final weights; such a step adds no moments either.
 
 The step's loss must be the mean of its examples' losses (Lightning's and Hugging Face's convention), scaled
 by the trainer (gradient accumulation, a loss scaler): the caller passes that scale, and the first captured
@@ -63,6 +63,12 @@ def refuse_leftovers(leftover: Sequence[str], precision: Optional[str] = None) -
             "their per-example gradients one example at a time.")
 
 
+def finite(capture: StepCapture, grads: Dict[str, torch.Tensor]) -> bool:
+    """Whether every gradient a step gave its hooks, and ``grads``, is finite (one sync, not one per layer)."""
+    tensors = [c.grad for calls in capture.calls.values() for c in calls if c.grad is not None] + list(grads.values())
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 class StepIndex:
     """The rows of a gradient index, from training steps: first K-FAC moments for the balancing curvature
     (``add_moments``), then the projection (``build``), then rows (``add_rows``) kept as pieces in ``pieces`` and
@@ -81,6 +87,7 @@ class StepIndex:
         self.options = KFACOptions(fisher="empirical")
         self.fit = KFACFit(obj, space, self.options)
         self.moments = Moments(self.fit)
+        self.offered = 0  # examples whose steps were given to add_moments (every rank alike), finite or not
         self.projection: Optional[Projection] = None
         self.pending: Dict[Tuple[int, int], List[Tuple[torch.Tensor, torch.Tensor]]] = {}
         self.held = self.written = 0
@@ -104,17 +111,22 @@ class StepIndex:
                     call.grad = call.grad.to(dtype) * scale
 
     def add_moments(self, capture: StepCapture, scale: float, count: int) -> None:
-        """One training step's hooks into the K-FAC moments that will balance the projection."""
+        """One training step's hooks into the K-FAC moments that will balance the projection; a step whose gradients
+        are not finite (one a loss scaler skips) adds nothing."""
+        self.offered += count
         self._prepare(capture, scale)
-        self.moments.add(capture, covered_grads(capture, set(self.fit.diagonal)), count)
+        diagonal = covered_grads(capture, set(self.fit.diagonal))
+        if finite(capture, diagonal):
+            self.moments.add(capture, diagonal, count)
 
     def build(self) -> Projection:
         """The projection, balanced by K-FAC's empirical Fisher from the moments added so far (every rank at once:
-        the moments are summed over ranks)."""
-        curvature = KFACCurvature(self.obj, self.space, (), self.damping, None, self.options,
-                                  tuple(self.moments.blocks(correct=False)))
-        self.projection = Projection(self.obj, self.space, self.dim, self.seed, balance=curvature.balance(),
-                                     kind=self.kind)
+        the moments are summed over ranks); random and unbalanced when no step gave finite moments."""
+        balance = None
+        if float(self.obj.comm.all_reduce_sum(torch.tensor([float(self.moments.count)], dtype=torch.float64))):
+            balance = KFACCurvature(self.obj, self.space, (), self.damping, None, self.options,
+                                    tuple(self.moments.blocks(correct=False))).balance()
+        self.projection = Projection(self.obj, self.space, self.dim, self.seed, balance=balance, kind=self.kind)
         return self.projection
 
     def rows(self, capture: StepCapture, scale: float) -> torch.Tensor:
