@@ -33,8 +33,8 @@ from torch import nn
 from ..errors import MSIFError
 from .comm import Communicator
 from .curvature.kfac import KFACCurvature, KFACOptions, Moments, KFACFit
-from .index import INDEX_DTYPES, IndexStore, blocks, block_key
 from .data import to_device
+from .index import INDEX_DTYPES, IndexStore, blocks, block_key
 from .layers import StepCapture, covered_grads
 from .objective import Objective, full_precision
 from .params import ParamSpace
@@ -48,8 +48,8 @@ CHECK_TOLERANCE = 0.5
 float64 for a float64 module) by this much (relative) before the step's loss is taken not to be a mean of per-example
 losses. One bound for every training precision: what it must catch is far off (a summed loss by B − 1 ≥ 1), while
 the step's own arithmetic moves the rows by its rounding only (0 to ~1e-6 in float32/float64; a bf16 step rounds its
-activations and gradients to 8 significant bits, ~1e-2, an fp16 one to 11, ~1e-3; both grow slowly with depth) and
-dropout masks the random state reproduces not at all."""
+activations and gradients to 8 significant bits, ~1e-2, an fp16 one to 11, ~1e-3; both grow slowly with depth), and
+dropout, whose masks the random state reproduces, not at all."""
 
 
 def refuse_leftovers(leftover: Sequence[str], precision: Optional[str] = None) -> None:
