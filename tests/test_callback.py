@@ -6,15 +6,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning_fixtures import TinyDataModule, TinyModule, trainer
 from omegaconf import OmegaConf
 from reference import rel_err
+from safetensors.torch import load_file
+from test_precision import DefaultDtypeModule, Float32Blobs, _float64
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_msif.core.objective as objective
-from lightning_msif import (MSIFError, MultiStageInfluence, PretrainingSnapshot, SnapshotDir, load_pretrained,
-                            multistage_influence, rescore)
+from lightning_msif import (MemoryIndexStore, MSIFError, MultiStageInfluence, PretrainingSnapshot, SnapshotDir,
+                            load_pretrained, multistage_influence, rescore)
+from lightning_msif.core.influence import capture_gradient_index, compute_single_stage
 
 UPDATED = dict(mode="updated", alpha=0.5, damping=0.01)
 FIXED = dict(mode="fixed", damping=0.01)
@@ -307,6 +312,97 @@ def test_a_gradient_index_from_training_steps_follows_the_trained_weights(tmp_pa
     ref = multistage_influence(module, fine, dm.train_set, ft_dm.train_set, ft_dm.val_set, shared="backbone", **FIXED)
     assert 1e-6 < rel_err(cb.scores, ref) < 0.3
     assert torch.corrcoef(torch.stack([cb.scores.flatten(), ref.flatten()]))[0, 1] > 0.95
+
+
+LAST_EPOCH_ERROR = {"64-true": 1e-6, "32-true": 2e-6, "bf16-true": 4e-2, "16-true": 3e-3, "bf16-mixed": 2e-2,
+                    "16-mixed": 3e-3}
+"""How far, at full dimension and lr = 0, the scores of the index from the last epoch's steps may be from those of the
+dedicated pass's index, and the first step from its float32 reference: float rounding in float64/float32 (the index is
+kept in float32); in half precision the step's own forward and backward round every activation and gradient to 8
+(bf16) or 11 (fp16) significant bits. Measured (scores; first step): 7.0e-8, 0; 3.0e-7, 0; 7.4e-3, 1.2e-2;
+5.8e-4, 7.7e-4; 3.3e-3, 6.3e-3; 5.1e-4, 8.1e-4."""
+
+
+def _precision(name: str, scale: float = 2.0 ** 10) -> dict:
+    """The trainer's precision; "16-mixed" by its plugin with a CPU loss scaler (the string alone trains "bf16-mixed"
+    on CPU), so the steps run float16 autocast and scale their loss by ``scale``, which the rows must undo."""
+    if name == "16-mixed":
+        return dict(plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale))])
+    return dict(precision=name)
+
+
+def _last_epoch_fit(tmp_path, **kwargs):
+    """Three epochs at lr = 0 with the index from the last one's steps: (trainer, module, datamodule, its ``steps``)."""
+    dm = Float32Blobs()
+    t = trainer(max_epochs=3, **kwargs,
+                callbacks=[PretrainingSnapshot(tmp_path, index_dim=8, index_capture="last_epoch", progress=False)])
+    with t.init_module():
+        module = DefaultDtypeModule(lr=0.0)
+    t.fit(module, datamodule=dm)
+    return t, module, dm, OmegaConf.load(SnapshotDir(tmp_path).index_dir / "manifest.yaml").steps
+
+
+def _index_scores(tmp_path, module, dm):
+    """At full dimension, the scores of the index in the snapshot and of the dedicated pass's on the same weights."""
+    snapshots = SnapshotDir(tmp_path)
+    last = snapshots.read_index(str(snapshots.manifest("pretrain").weights.sha256), None)
+    after = capture_gradient_index(module, dm.train_set, MemoryIndexStore(), dim=8)
+    reference = _float64(tmp_path, "pretrain")
+    return tuple(compute_single_stage(reference, dm.train_set, dm.val_set, damping=0.01, index=index).scores
+                 for index in (last, after))
+
+
+@pytest.mark.parametrize("precision", list(LAST_EPOCH_ERROR))
+def test_the_last_epoch_index_under_every_precision(tmp_path, precision):
+    """lr = 0, two of the last epoch's four batches traced (the other examples filled after fit): the index from the
+    steps scores like the dedicated pass's on the same weights, as closely as the steps' precision allows; it is
+    computed in the dedicated pass's dtype, and its filled rows are as exact as that pass's."""
+    bound = LAST_EPOCH_ERROR[precision]
+    t, module, dm, steps = _last_epoch_fit(tmp_path, limit_train_batches=2, **_precision(precision))
+    scaler = getattr(t.precision_plugin, "scaler", None)
+    assert scaler is None or scaler.get_scale() == 2.0 ** 10  # every step's gradients were scaled
+    assert (steps.caught, steps.filled) == (8, 5) and steps.check_error <= bound
+    compute = torch.float64 if precision == "64-true" else torch.float32
+    projection = load_file(SnapshotDir(tmp_path).index_dir / "projection.safetensors")
+    assert {v.dtype for v in projection.values()} == {compute}
+    got, want = _index_scores(tmp_path, module, dm)
+    assert rel_err(got, want) <= bound
+    assert int(((got - want).norm(dim=1) <= 1e-5 * want.norm(dim=1)).sum()) >= 5  # the filled rows at least
+
+
+@pytest.mark.parametrize("scale, balanced", [(2.0 ** 20, True), (2.0 ** 27, False)], ids=["some", "many"])
+def test_steps_the_loss_scaler_skips_neither_poison_the_balance_nor_fail_the_check(tmp_path, scale, balanced):
+    """16-mixed with a loss scale that overflows float16 gradients until the scaler has halved it enough: the epoch
+    before the last loses the last of its moment steps (2²⁰) or all of them (2²⁷: the projection is then random and
+    unbalanced), and at 2²⁷ the last epoch's first steps hold non-finite rows: the first finite step is the one
+    checked, and the non-finite rows are filled."""
+    t, module, dm, steps = _last_epoch_fit(tmp_path, **_precision("16-mixed", scale))
+    assert t.precision_plugin.scaler.get_scale() < scale  # steps were skipped
+    manifest = OmegaConf.load(SnapshotDir(tmp_path).index_dir / "manifest.yaml")
+    assert manifest.projection.balanced is balanced
+    assert steps.caught + steps.filled == 13 and (steps.filled > 0) is not balanced
+    assert steps.check_error <= LAST_EPOCH_ERROR["16-mixed"]
+    got, want = _index_scores(tmp_path, module, dm)
+    assert rel_err(got, want) <= LAST_EPOCH_ERROR["16-mixed"]
+
+
+class BareScale(TinyModule):
+    """``TinyModule`` with a parameter outside every layer the hooks know (as Transformer Engine's layers are)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+def test_a_last_epoch_index_of_parameters_no_hook_covers_is_refused_before_training(tmp_path):
+    t = trainer(precision="bf16-true", max_epochs=3,
+                callbacks=[PretrainingSnapshot(tmp_path, index_dim=8, index_capture="last_epoch", progress=False)])
+    with pytest.raises(MSIFError, match=r"no layer hook covers \(precision='bf16-true'\): \['scale'\].*'after_fit'"):
+        t.fit(BareScale(), datamodule=TinyDataModule())
+    assert t.global_step == 0
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(index_dim=0), "index_dim=0"),

@@ -101,7 +101,7 @@ class PretrainingSnapshot(StageCallback):
         trainer.strategy.barrier("msif_index_pieces_clear")
         self.steps = LastEpochIndex(self.snapshots, self.index, self.shared, self.arguments,
                                     module_loss(pl_module, self.loss_fn))
-        self.steps.check(pl_module)
+        self.steps.check(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.steps is not None:
@@ -114,7 +114,7 @@ class PretrainingSnapshot(StageCallback):
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.steps is not None:
-            self.steps.on_after_backward(trainer, pl_module)
+            self.steps.on_after_backward(trainer)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -16,12 +16,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..core.data import batch_size_of, to_device
+from ..core.data import batch_size_of
 from ..core.influence import finish_step_index, step_index
 from ..core.curvature.kfac import BASIS_EXAMPLES
-from ..core.layers import StepCapture
+from ..core.layers import LayerMap, StepCapture
 from ..core.objective import LossFn
-from ..core.training_index import StepIndex
+from ..core.training_index import StepIndex, refuse_leftovers
 from ..distributed import current_comm
 from ..errors import MSIFError
 from ..resolve import single_loader
@@ -96,11 +96,14 @@ class LastEpochIndex:
         self.rng: Optional[torch.Tensor] = None
 
     @staticmethod
-    def check(pl_module: "pl.LightningModule") -> None:
-        """Refuse, before training, what cannot be read from training steps."""
+    def check(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Refuse, before training, what cannot be read from training steps: manual optimization, and parameters
+        no layer hook covers in the module as the precision plugin converted it (e.g. Transformer Engine's)."""
         if not pl_module.automatic_optimization:
             raise MSIFError("index_capture='last_epoch' reads each training step's one backward pass; with manual "
                             "optimization a step may run several. Use index_capture='after_fit'.")
+        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+        refuse_leftovers(LayerMap(pl_module, names).leftover, str(trainer.precision))
 
     def start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """The index's state, on first need (the training loader exists once the fit loop has set it up)."""
@@ -125,7 +128,7 @@ class LastEpochIndex:
             return
         self.start(trainer, pl_module)
         if self.phase == "rows":
-            if self.step.moments.count:
+            if self.step.offered:
                 self.step.build()
             self._attach(trainer)
 
@@ -155,7 +158,7 @@ class LastEpochIndex:
         self.doing = None
         if self.phase == "moments":
             self.doing = "moments" if batch_idx >= trainer.num_training_batches - k else None
-        elif self.step.projection is None and (not self.step.moments.count or batch_idx < k):
+        elif self.step.projection is None and (not self.step.offered or batch_idx < k):
             self.doing = "moments"  # no earlier epoch gave the moments: this epoch's first batches do
         else:
             if self.step.projection is None:
@@ -165,13 +168,13 @@ class LastEpochIndex:
             self.batch, self.rng = batch, torch.get_rng_state()
             self.capture = self.step.watch(b).__enter__()
 
-    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_after_backward(self, trainer: "pl.Trainer") -> None:
         capture = self._close()
         if capture is not None:
             with untouched_rng(trainer):
-                self._after_backward(trainer, pl_module, capture)
+                self._after_backward(trainer, capture)
 
-    def _after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", capture: StepCapture) -> None:
+    def _after_backward(self, trainer: "pl.Trainer", capture: StepCapture) -> None:
         scale = capture.batch_size * trainer.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
@@ -180,21 +183,10 @@ class LastEpochIndex:
             self.step.add_moments(capture, scale, capture.batch_size)
             return
         rows = self.step.rows(capture, scale)
-        if self.step.check_error is None:
-            self.step.check(rows, self._reference(pl_module))
+        if self.step.check_error is None and bool(torch.isfinite(rows).all()):  # the first step the scaler kept
+            torch.set_rng_state(self.rng)  # the step's dropout masks; inside untouched_rng: training's stream goes on
+            self.step.check(rows, self.step.reference(self.batch))
         self.step.add_rows(rows, self.idx, len(self.step.obj.source), self.index["block"])
-
-    def _reference(self, pl_module: "pl.LightningModule") -> torch.Tensor:
-        """The step's batch's own per-example gradients, projected, at the same weights, in the same mode and (as far
-        as the random state allows) the same dropout masks; BatchNorm's running statistics are left as they were."""
-        buffers = {k: v.clone() for k, v in pl_module.named_buffers()}
-        obj = self.step.obj
-        torch.set_rng_state(self.rng)  # inside untouched_rng: training's own stream goes on as it was
-        reference = self.step.projection.examples(to_device(self.batch, obj.device, obj.dtype))
-        with torch.no_grad():
-            for k, v in pl_module.named_buffers():
-                v.copy_(buffers[k])
-        return reference
 
     def _close(self) -> Optional[StepCapture]:
         capture, self.capture = self.capture, None
@@ -209,7 +201,7 @@ class LastEpochIndex:
     def started(self) -> bool:
         """Whether any training step fed the index (a run stopped before the epoch before the last has none: its
         index then comes from the dedicated pass)."""
-        return self.step is not None and (self.step.projection is not None or self.step.moments.count > 0)
+        return self.step is not None and (self.step.projection is not None or self.step.offered > 0)
 
     def finish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                progress: bool) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:

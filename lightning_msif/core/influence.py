@@ -29,7 +29,7 @@ from .data import ExampleSource
 from .index import AUTOCAST, INDEX_DTYPES, GradientIndex, IndexStore, capture_index, index_scores
 from .objective import LossFn, Objective, cross_entropy_loss, evaluation
 from .params import ParamSpace, check_fixed_backbone, check_same_shared, split_shared
-from .precision import in_compute_dtype, scoring_pair
+from .precision import follow, in_compute_dtype, scoring_pair
 from .progress import PassProgress, ResidualProgress, closing, new_bar
 from .projection import Projection
 from .scoring import (DEFAULT_BLOCK, SCORING_BATCH_FACTOR, STREAM_ABOVE_BYTES, RowBlocks, ScoreStore, agreed, cached,
@@ -363,23 +363,28 @@ def step_index(model: nn.Module, data: Any, pieces: IndexStore, *, shared: Optio
     """A gradient index to be caught from ``model``'s own training steps on ``data`` (``core/training_index.py``:
     what that gives up against ``capture_gradient_index``'s dedicated pass); rows wait in ``pieces`` until
     ``finish_step_index``. Its projection is balanced by K-FAC (empirical Fisher, ``arguments``' damping) from the
-    training steps given to ``add_moments`` first."""
+    training steps given to ``add_moments`` first. A bf16/fp16 ``model`` is computed on a float32 copy (as by the
+    dedicated pass), which follows its weights: its steps' inputs and gradients are widened before any product."""
     run = _Run(arguments or ScoreArguments(), False, comm or LocalComm())
-    with evaluation(model):  # the layer map's probe forward must not move BatchNorm's running statistics
-        obj = run.objective(model, loss_fn or cross_entropy_loss, ExampleSource(data, "pretrain_data"), "pretraining")
-        space = ParamSpace.of(obj.params, _trainable(model, shared))
+    compute = in_compute_dtype(model)
+    with evaluation(compute):  # the layer map's probe forward must not move BatchNorm's running statistics
+        obj = run.objective(compute, loss_fn or cross_entropy_loss, ExampleSource(data, "pretrain_data"),
+                            "pretraining")
+        space = ParamSpace.of(obj.params, _trainable(compute, shared))
         return StepIndex(obj, space, pieces, dim=dim, seed=seed, kind=projection, damping=run.args.damping,
-                         dtype=dtype)
+                         dtype=dtype, trained=model)
 
 
 def finish_step_index(step: StepIndex, store: IndexStore, *, block: int = DEFAULT_BLOCK,
                       progress: bool = False) -> Tuple[GradientIndex, Dict[str, int]]:
     """Assemble the rows a ``StepIndex`` caught (every rank's pieces) into the index's blocks in ``store``; the
     examples the training steps did not give (or gave a non-finite row for) are captured now, at the model's
-    current weights in eval mode. Returns the index and how many rows were ``caught`` and ``filled``."""
+    current weights in eval mode, in the compute dtype. Returns the index and how many rows were ``caught`` and
+    ``filled``."""
     if step.projection is None:
         step.build()
     obj, projection = step.obj, step.projection
+    follow(obj.bound.model, step.trained)
     n = len(obj.source)
     size = max(1, SCORING_BATCH_FACTOR * obj.source.batch_size)
 

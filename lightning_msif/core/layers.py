@@ -17,7 +17,8 @@ This is what the Kronecker-factored curvatures and the hooks scoring path are bu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -66,6 +67,7 @@ class LayerMap:
 
     def __init__(self, model: nn.Module, names: Sequence[str]):
         wanted = set(names)
+        self.model = model
         self.layers: List[Layer] = []
         covered = set()
         for path, module in model.named_modules():
@@ -84,6 +86,18 @@ class LayerMap:
             covered.update(n for n in (weight, bias) if n is not None)
         self.leftover: List[str] = [n for n in names if n not in covered]
         self.broadcast: set = set()  # layers called without the batch dimension, expanded by the hooks
+
+    def on(self, model: nn.Module) -> "LayerMap":
+        """The same layers (covered, broadcast, leftover) on ``model``, a module of the same structure: the trained
+        module whose steps are hooked, when this map was settled on its compute-dtype copy."""
+        if model is self.model:
+            return self
+        modules = dict(model.named_modules())
+        other = copy.copy(self)
+        other.model = model
+        other.layers = [replace(layer, module=modules[layer.path]) for layer in self.layers]
+        other.leftover, other.broadcast = list(self.leftover), set(self.broadcast)
+        return other
 
     def exclude(self, paths: Sequence[str]) -> None:
         """Hand the layers at ``paths`` to the leftovers (e.g. called on inputs shared across the batch)."""

@@ -54,18 +54,24 @@ _AUTOCAST_AVAILABLE = getattr(torch.amp, "is_autocast_available", lambda device:
 
 
 @contextmanager
+def full_precision(*models: nn.Module) -> Iterator[None]:
+    """Autograd on even inside ``inference_mode``, autocast off on the models' devices (an enclosing mixed-precision
+    region would otherwise compute in bfloat16/float16 what should run in the models' dtype)."""
+    with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
+        for device in sorted({p.device.type for m in models for p in m.parameters()}):
+            if _AUTOCAST_AVAILABLE(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+@contextmanager
 def evaluation(*models: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm/Dropout frozen), autograd on even inside ``inference_mode``, autocast off on the models'
-    devices (an enclosing mixed-precision region would otherwise compute in bfloat16/float16 what should run in
-    the models' dtype); restored after."""
+    """Eval mode (BatchNorm/Dropout frozen) in ``full_precision``; the modes restored after."""
     states = [m.training for m in models]
     try:
         for m in models:
             m.eval()
-        with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
-            for device in sorted({p.device.type for m in models for p in m.parameters()}):
-                if _AUTOCAST_AVAILABLE(device):
-                    stack.enter_context(torch.autocast(device, enabled=False))
+        with full_precision(*models):
             yield
     finally:
         for m, s in zip(models, states):

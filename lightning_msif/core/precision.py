@@ -35,6 +35,19 @@ def in_compute_dtype(module: nn.Module, like: Optional[nn.Module] = None) -> nn.
     return copy.deepcopy(module).to(target)
 
 
+def follow(compute: nn.Module, module: nn.Module) -> None:
+    """Bring ``compute``, a compute-dtype copy of ``module`` (``in_compute_dtype``), to ``module``'s current parameters,
+    buffers (widened exactly) and train/eval modes: a copy taken before training goes on standing for the module
+    being trained. Nothing to do when they are one module."""
+    if compute is module:
+        return
+    with torch.no_grad():
+        for mine, theirs in zip(compute.modules(), module.modules()):
+            mine.training = theirs.training
+            for name, t in [*theirs.named_parameters(recurse=False), *theirs.named_buffers(recurse=False)]:
+                getattr(mine, name).copy_(t)
+
+
 def scoring_pair(pretrain_model: nn.Module, finetune_model: nn.Module) -> Tuple[nn.Module, nn.Module]:
     """Both stages' models in the finetune model's compute dtype (a pretraining model in another dtype would mix
     float32 and float64, or bfloat16, in the products of the two stages)."""

@@ -13,64 +13,94 @@ against the dedicated pass, each row being the gradient *of the step that traine
 - coverage: parameters no hook covers (leftovers) cannot be had from a training step, so such a model is
   refused; examples the epoch does not reach (``drop_last``, ``limit_train_batches``, a run stopped early) and
   rows that are not finite (a mixed-precision step the loss scaler skips) are filled by a dedicated pass over
-  just those examples, at the final weights.
+  just those examples, at the final weights; such a step adds no moments either.
 
 The step's loss must be the mean of its examples' losses (Lightning's and Hugging Face's convention), scaled
 by the trainer (gradient accumulation, a loss scaler): the caller passes that scale, and the first captured
 step is checked against the per-example gradients of the same batch.
+
+Precision: a step in bfloat16/float16 (a half-precision module, autocast) hands its hooks half-precision inputs and
+gradients; they are widened first, so every product runs in the compute dtype (``core/precision.py``) on a copy of
+the module that follows its weights, as the dedicated pass computes. Only the step's own rounding stays in the rows.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from ..errors import MSIFError
 from .comm import Communicator
 from .curvature.kfac import KFACCurvature, KFACOptions, Moments, KFACFit
+from .data import to_device
 from .index import INDEX_DTYPES, IndexStore, blocks, block_key
 from .layers import StepCapture, covered_grads
-from .objective import Objective
+from .objective import Objective, full_precision
 from .params import ParamSpace
+from .precision import follow
 from .projection import Projection
 
 SPILL_BYTES = 256 << 20
 """Rows kept in memory before they are written out as pieces of their blocks (bounded memory)."""
 CHECK_TOLERANCE = 0.5
-"""The first step's rows may differ from the batch's per-example gradients by this much (relative) before the
-step's loss is taken not to be a mean of per-example losses (dropout alone moves them far less)."""
+"""The first step's rows may differ from the batch's per-example gradients (the reference, computed in float32, or
+float64 for a float64 module) by this much (relative) before the step's loss is taken not to be a mean of per-example
+losses. One bound for every training precision: what it must catch is far off (a summed loss by B − 1 ≥ 1), while
+the step's own arithmetic moves the rows by its rounding only (0 to ~1e-6 in float32/float64; a bf16 step rounds its
+activations and gradients to 8 significant bits, ~1e-2, an fp16 one to 11, ~1e-3; both grow slowly with depth), and
+dropout, whose masks the random state reproduces, not at all."""
+
+
+def refuse_leftovers(leftover: Sequence[str], precision: Optional[str] = None) -> None:
+    """An error when parameters no layer hook covers are to be indexed from training steps; ``precision``, the
+    trainer's, is named (a precision plugin may put in layers the hooks do not know, as Transformer Engine does)."""
+    if leftover:
+        under = f" (precision={precision!r})" if precision is not None else ""
+        raise MSIFError(
+            f"The gradient index cannot be caught from training steps for parameters no layer hook covers{under}: "
+            f"{list(leftover)[:5]}. Capture it after training instead (index_capture='after_fit'), which forms "
+            "their per-example gradients one example at a time.")
+
+
+def finite(capture: StepCapture, grads: Dict[str, torch.Tensor]) -> bool:
+    """Whether every gradient a step gave its hooks, and ``grads``, is finite (one sync, not one per layer)."""
+    tensors = [c.grad for calls in capture.calls.values() for c in calls if c.grad is not None] + list(grads.values())
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 class StepIndex:
     """The rows of a gradient index, from training steps: first K-FAC moments for the balancing curvature
     (``add_moments``), then the projection (``build``), then rows (``add_rows``) kept as pieces in ``pieces`` and
-    assembled into the index's blocks at the end (``assemble``)."""
+    assembled into the index's blocks at the end (``assemble``). The hooks go on ``trained`` (default: ``obj``'s
+    model), the module being trained; every product runs on ``obj``'s model, its copy in the compute dtype."""
 
     def __init__(self, obj: Objective, space: ParamSpace, pieces: IndexStore, *, dim: int, seed: int = 0,
-                 kind: str = "eigen", damping: float = 0.0, dtype: str = "float32"):
+                 kind: str = "eigen", damping: float = 0.0, dtype: str = "float32",
+                 trained: Optional[nn.Module] = None):
         self.obj, self.space, self.pieces = obj, space, pieces
         self.dim, self.seed, self.kind, self.damping, self.dtype = dim, seed, kind, damping, INDEX_DTYPES[dtype]
-        self.lmap = obj.layer_map(space)
-        if self.lmap.leftover:
-            raise MSIFError(
-                f"The gradient index cannot be caught from training steps for parameters no layer hook covers: "
-                f"{self.lmap.leftover[:5]}. Capture it after training instead (index_capture='after_fit'), which "
-                "forms their per-example gradients one example at a time.")
+        self.trained = obj.bound.model if trained is None else trained
+        lmap = obj.layer_map(space)
+        refuse_leftovers(lmap.leftover)
+        self.lmap = lmap.on(self.trained)  # the steps run on the trained module; the products on obj's model
         self.options = KFACOptions(fisher="empirical")
         self.fit = KFACFit(obj, space, self.options)
         self.moments = Moments(self.fit)
+        self.offered = 0  # examples whose steps were given to add_moments (every rank alike), finite or not
         self.projection: Optional[Projection] = None
         self.pending: Dict[Tuple[int, int], List[Tuple[torch.Tensor, torch.Tensor]]] = {}
         self.held = self.written = 0
         self.check_error: Optional[float] = None
 
     def watch(self, batch_size: int) -> StepCapture:
-        """Hooks for one training step (enter it around the step's forward and backward)."""
+        """Hooks on the trained module for one training step (enter it around the step's forward and backward)."""
         return StepCapture(self.lmap, batch_size)
 
     def _prepare(self, capture: StepCapture, scale: float = 1.0) -> None:
-        """Undo autocast's precision and (``scale``) the step's loss scaling: mean over the batch, accumulation, a
-        loss scaler."""
+        """Widen what the step computed in half precision (a bf16/fp16 module, autocast) to the compute dtype, so
+        every product after is in float32 (float64 for a float64 module), and undo (``scale``) the step's loss
+        scaling: mean over the batch, accumulation, a loss scaler."""
         capture.check()
         dtype = self.obj.dtype
         for calls in capture.calls.values():
@@ -81,17 +111,22 @@ class StepIndex:
                     call.grad = call.grad.to(dtype) * scale
 
     def add_moments(self, capture: StepCapture, scale: float, count: int) -> None:
-        """One training step's hooks into the K-FAC moments that will balance the projection."""
+        """One training step's hooks into the K-FAC moments that will balance the projection; a step whose gradients
+        are not finite (one a loss scaler skips) adds nothing."""
+        self.offered += count
         self._prepare(capture, scale)
-        self.moments.add(capture, covered_grads(capture, set(self.fit.diagonal)), count)
+        diagonal = covered_grads(capture, set(self.fit.diagonal))
+        if finite(capture, diagonal):
+            self.moments.add(capture, diagonal, count)
 
     def build(self) -> Projection:
         """The projection, balanced by K-FAC's empirical Fisher from the moments added so far (every rank at once:
-        the moments are summed over ranks)."""
-        curvature = KFACCurvature(self.obj, self.space, (), self.damping, None, self.options,
-                                  tuple(self.moments.blocks(correct=False)))
-        self.projection = Projection(self.obj, self.space, self.dim, self.seed, balance=curvature.balance(),
-                                     kind=self.kind)
+        the moments are summed over ranks); random and unbalanced when no step gave finite moments."""
+        balance = None
+        if float(self.obj.comm.all_reduce_sum(torch.tensor([float(self.moments.count)], dtype=torch.float64))):
+            balance = KFACCurvature(self.obj, self.space, (), self.damping, None, self.options,
+                                    tuple(self.moments.blocks(correct=False))).balance()
+        self.projection = Projection(self.obj, self.space, self.dim, self.seed, balance=balance, kind=self.kind)
         return self.projection
 
     def rows(self, capture: StepCapture, scale: float) -> torch.Tensor:
@@ -101,6 +136,21 @@ class StepIndex:
         assert self.projection is not None, "build() the projection first"
         return self.projection.project(capture, covered_grads(capture, set(self.projection.others)),
                                        capture.batch_size) * scale
+
+    def reference(self, batch: Any) -> torch.Tensor:
+        """The projected per-example gradients of a step's ``batch`` in the compute dtype (no autocast), at the trained
+        module's current weights and in its modes (its dropout masks as far as the random state allows); BatchNorm's
+        running statistics are left as they were."""
+        model = self.obj.bound.model
+        follow(model, self.trained)
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        try:
+            with full_precision(model):
+                return self.projection.examples(to_device(batch, self.obj.device, self.obj.dtype))
+        finally:
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    v.copy_(buffers[k])
 
     def check(self, rows: torch.Tensor, reference: torch.Tensor) -> None:
         """Compare the first step's rows with the batch's own per-example gradients (projected): an error when
