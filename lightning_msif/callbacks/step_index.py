@@ -80,6 +80,18 @@ def untouched_rng(trainer: "pl.Trainer") -> Any:
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type)
 
 
+def random_state(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The CPU generator's state and, on CUDA, the device's: dropout on a GPU draws from the device's generator."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_random_state(state: Tuple[torch.Tensor, Optional[torch.Tensor]], device: torch.device) -> None:
+    """Put back what ``random_state`` took (so a replayed step draws the same dropout masks)."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class LastEpochIndex:
     """The hooks of ``PretrainingSnapshot`` that feed a ``StepIndex`` from the training steps."""
 
@@ -93,7 +105,7 @@ class LastEpochIndex:
         self.doing: Optional[str] = None  # what the current step feeds
         self.batch: Any = None
         self.idx: Optional[torch.Tensor] = None
-        self.rng: Optional[torch.Tensor] = None
+        self.rng: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
     @staticmethod
     def check(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -165,7 +177,7 @@ class LastEpochIndex:
                 self.step.build()  # every rank at the same batch: the moments are summed over ranks
             self.doing = "rows" if self.idx is not None else None
         if self.doing is not None:
-            self.batch, self.rng = batch, torch.get_rng_state()
+            self.batch, self.rng = batch, random_state(trainer.strategy.root_device)
             self.capture = self.step.watch(b).__enter__()
 
     def on_after_backward(self, trainer: "pl.Trainer") -> None:
@@ -184,7 +196,8 @@ class LastEpochIndex:
             return
         rows = self.step.rows(capture, scale)
         if self.step.check_error is None and bool(torch.isfinite(rows).all()):  # the first step the scaler kept
-            torch.set_rng_state(self.rng)  # the step's dropout masks; inside untouched_rng: training's stream goes on
+            # the step's dropout masks; inside untouched_rng: training's stream goes on
+            set_random_state(self.rng, trainer.strategy.root_device)
             self.step.check(rows, self.step.reference(self.batch))
         self.step.add_rows(rows, self.idx, len(self.step.obj.source), self.index["block"])
 
