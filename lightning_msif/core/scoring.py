@@ -75,14 +75,16 @@ class ScoreMatrix(Protocol):
 
 
 class DenseScores:
-    """A ``ScoreMatrix`` held in memory (one block)."""
+    """A ``ScoreMatrix`` held in memory, read in views of ``DEFAULT_BLOCK`` rows (what a view computes from one
+    block at a time then stays small beside the matrix)."""
 
     def __init__(self, scores: torch.Tensor):
         self.scores = scores.detach().cpu()
         self.n, self.k = self.scores.shape
 
     def blocks(self) -> Iterator[Tuple[int, torch.Tensor]]:
-        yield 0, self.scores
+        for start in range(0, self.n, DEFAULT_BLOCK):
+            yield start, self.scores[start : start + DEFAULT_BLOCK]
 
 
 def agreed(comm: Any, found: bool) -> bool:

@@ -54,10 +54,18 @@ class Digest:
 
 def _merge(best: Tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, start: int, top: int,
            descending: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The ``top`` best of ``best`` and a new block of rows (at ``start``), per column; a stable sort, so among
-    equal scores the lower index (earlier rows come first) stays ahead, whatever the block size."""
-    index = torch.arange(start, start + len(rows)).unsqueeze(1).expand_as(rows)
-    values, indices = torch.cat([best[0], rows]), torch.cat([best[1], index])
+    """The ``top`` best of ``best`` and a new block of rows (at ``start``), per column. Among equal scores the
+    lower index stays ahead, whatever the block size: the block's candidates (every score at least as good as
+    its ``top``-th best, ties included) are taken in row order, and the merge is a stable sort."""
+    b = len(rows)
+    kth = torch.topk(rows, min(top, b), dim=0, largest=descending).values[-1]
+    candidate = rows >= kth if descending else rows <= kth
+    m = int(candidate.sum(0).max())
+    first = torch.arange(b, 0, -1).unsqueeze(1) * candidate  # candidates in row order, then the rest
+    at = torch.topk(first, m, dim=0).indices
+    values = torch.where(candidate.gather(0, at), rows.gather(0, at),
+                         torch.tensor(float("-inf") if descending else float("inf"), dtype=rows.dtype))
+    values, indices = torch.cat([best[0], values]), torch.cat([best[1], at + start])
     order = torch.sort(values, dim=0, descending=descending, stable=True).indices[:top]
     return values.gather(0, order), indices.gather(0, order)
 
