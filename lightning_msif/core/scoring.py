@@ -188,9 +188,12 @@ def gather_in_order(comm: Any, parts: List[torch.Tensor], rows: List[torch.Tenso
                     empty: torch.Tensor) -> torch.Tensor:
     """Every rank's row blocks ``parts`` (at dataset rows ``rows``), gathered on every rank in dataset order."""
     local = torch.cat(parts) if parts else empty
+    parts.clear()  # the blocks are in ``local`` now: one copy of the matrix less at the peak
     index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=empty.device)
     gathered = comm.all_gather_rows(local)
     order = comm.all_gather_rows(index)
+    if bool((order == torch.arange(len(order), device=order.device)).all()):
+        return gathered  # one process: its blocks were already in dataset order
     out = torch.empty_like(gathered)
     out[order] = gathered
     return out
