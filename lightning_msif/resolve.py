@@ -158,6 +158,7 @@ class PretrainingSide:
     module: nn.Module
     data: Any
     class_names: Optional[List[str]] = None
+    fingerprint: Optional[Dict[str, Any]] = None  # of ``data``, taken when it was checked against the snapshot
 
 
 def pretraining_side(snapshots: SnapshotDir, *, module: Optional[nn.Module] = None, data: Any = None,
@@ -172,9 +173,10 @@ def pretraining_side(snapshots: SnapshotDir, *, module: Optional[nn.Module] = No
     if data is None:
         dm = rebuild_datamodule(manifest, "pretrain", prepare, trust)
         data, names = single_loader(dm.train_dataloader()), class_names_of(dm)
+    checked = None
     if manifest.fingerprint is not None:
-        check_fingerprint(manifest.fingerprint, dataset_of(data), "pretraining data")
-    return PretrainingSide(manifest, weights, module, data, names)
+        checked = check_fingerprint(manifest.fingerprint, dataset_of(data), "pretraining data")
+    return PretrainingSide(manifest, weights, module, data, names, checked)
 
 
 @dataclass
@@ -216,5 +218,6 @@ def from_snapshots(snapshots: SnapshotDir, *, pretrain_model: Optional[nn.Module
                 raise MSIFError("The finetune snapshot does not say which split was queried: pass query_data=...")
             query_data = query_loader(dm, split)
     inputs = ScoringInputs(pre.module, fine, pre.data, finetune_data, query_data,
-                           module_loss(pre.module, loss_fn), module_loss(fine, loss_fn))
+                           module_loss(pre.module, loss_fn), module_loss(fine, loss_fn),
+                           pretrain_fingerprint=pre.fingerprint)
     return SnapshotRun(inputs, identity_of(pre.manifest, ft_manifest), pre.class_names, query_names)

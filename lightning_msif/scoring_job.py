@@ -37,6 +37,7 @@ class ScoringInputs:
     pretrain_loss: LossFn
     finetune_loss: LossFn
     query_fn: Optional[LossFn] = None
+    pretrain_fingerprint: Optional[Dict[str, Any]] = None  # taken when the data was checked: not read again
 
 
 @dataclass
@@ -62,6 +63,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _fingerprint(data: Any) -> Optional[Dict[str, Any]]:
+    """The data's fingerprint, or None for data that cannot be indexed (an iterable)."""
+    return fingerprint(dataset_of(data)) if hasattr(dataset_of(data), "__getitem__") else None
+
+
 def run_scoring(inputs: ScoringInputs, args: InfluenceArguments, snapshots: SnapshotDir,
                 comm: Optional[Communicator] = None, progress: bool = False,
                 identity: Optional[Dict[str, Any]] = None) -> ScoringOutcome:
@@ -72,9 +78,8 @@ def run_scoring(inputs: ScoringInputs, args: InfluenceArguments, snapshots: Snap
     """
     comm = comm or LocalComm()
     record = args.record()
-    prints = {name: fingerprint(dataset_of(d)) if hasattr(dataset_of(d), "__getitem__") else None
-              for name, d in (("pretrain", inputs.pretrain_data), ("finetune", inputs.finetune_data),
-                              ("query", inputs.query_data))}
+    prints = {"pretrain": inputs.pretrain_fingerprint or _fingerprint(inputs.pretrain_data),
+              "finetune": _fingerprint(inputs.finetune_data), "query": _fingerprint(inputs.query_data)}
     key = settings_key([sorted((k, repr(v)) for k, v in record.items()), prints, sorted((identity or {}).items())])
     store = snapshots.work(key)
     theta, rest = split_shared(inputs.pretrain_model, args.shared, "pretraining")

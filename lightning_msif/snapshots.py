@@ -168,8 +168,9 @@ def fingerprint(dataset: Any) -> Dict[str, Any]:
     return {"n": n, "sha256": h.hexdigest(), "scheme": FINGERPRINT_SCHEME}
 
 
-def check_fingerprint(expected: Mapping[str, Any], dataset: Any, what: str) -> None:
-    """Refuse ``dataset`` unless it is, example for example and in order, the one ``expected`` was taken on."""
+def check_fingerprint(expected: Mapping[str, Any], dataset: Any, what: str) -> Dict[str, Any]:
+    """Refuse ``dataset`` unless it is, example for example and in order, the one ``expected`` was taken on;
+    returns its fingerprint (so that the data is read once)."""
     if expected.get("scheme") != FINGERPRINT_SCHEME:
         raise MSIFError(
             f"The snapshot's fingerprint of the {what} was taken by an older lightning-msif on a sample of the "
@@ -184,6 +185,7 @@ def check_fingerprint(expected: Mapping[str, Any], dataset: Any, what: str) -> N
             "pretraining set: pass the same data (same order, same preprocessing) or take a new pretraining "
             "snapshot."
         )
+    return got
 
 
 # -- stage snapshots -----------------------------------------------------------------------------

@@ -427,3 +427,25 @@ def test_periodic_pretraining_snapshots(tmp_path):
     trainer(callbacks=[cb], max_epochs=10).fit(TinyModule(), datamodule=TinyDataModule())
     assert seen == [4, 9, 10]  # after epochs 5 and 10, then the final snapshot (current_epoch has moved on)
     assert SnapshotDir(tmp_path).manifest("pretrain").global_step == 40  # 10 epochs × 4 batches
+
+
+
+def test_a_scoring_run_hashes_each_dataset_once(tmp_path, monkeypatch):
+    """The pretraining set's fingerprint is taken by the check against the snapshot, and the scoring run uses that
+    one (it hashed the whole set a second time before)."""
+    import lightning_msif.scoring_job as scoring_job
+    import lightning_msif.snapshots as snapshots
+
+    dm, module = TinyDataModule(), TinyModule()
+    trainer(callbacks=[PretrainingSnapshot(tmp_path, progress=False)]).fit(module, datamodule=dm)
+    _finetune(tmp_path, FIXED)
+    hashed, original = [], snapshots.fingerprint
+
+    def counting(dataset):
+        hashed.append(len(dataset))
+        return original(dataset)
+
+    monkeypatch.setattr(snapshots, "fingerprint", counting)
+    monkeypatch.setattr(scoring_job, "fingerprint", counting)
+    rescore(tmp_path, progress=False)
+    assert sorted(hashed) == [5, 11, 13]  # query, finetune, pretraining: each once

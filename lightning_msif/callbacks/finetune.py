@@ -102,6 +102,7 @@ class MultiStageInfluence(StageCallback):
         self._pretrain_class_names: Optional[List[str]] = None
         self._theta_hat: Dict[str, torch.Tensor] = {}
         self._pretrain_manifest: Any = None
+        self._pretrain_fingerprint: Optional[Dict[str, Any]] = None
 
     def state_dict(self) -> Dict[str, Any]:
         return {**super().state_dict(), "scored": bool(self.info)}
@@ -146,6 +147,7 @@ class MultiStageInfluence(StageCallback):
         self._pretrain_manifest = pre.manifest
         self.pretrain_model, self.pretrain_data = pre.module, pre.data
         self._pretrain_class_names = pre.class_names
+        self._pretrain_fingerprint = pre.fingerprint
 
     # -- during training -------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
@@ -197,7 +199,7 @@ class MultiStageInfluence(StageCallback):
             pretrain_model=pretrain_model, finetune_model=pl_module,
             pretrain_data=self.pretrain_data, finetune_data=train_loader(trainer), query_data=query,
             pretrain_loss=module_loss(pretrain_model, self.loss_fn), finetune_loss=module_loss(pl_module, self.loss_fn),
-            query_fn=self.query_fn,
+            query_fn=self.query_fn, pretrain_fingerprint=self._pretrain_fingerprint,
         )
         outcome = run_scoring(inputs, self.arguments, self.snapshots, current_comm(device),
                               progress=self.progress and trainer.is_global_zero,
