@@ -254,3 +254,22 @@ def test_histogram_bars_are_log_counts(tmp_path: Path) -> None:
     page = Page(write_html(tmp_path / "r.html", Attribution(scores), ExampleViews(), top_k=1).read_text("utf-8"))
     tall, short = sorted((float(b["height"]) for b in page.bars), reverse=True)
     assert short / tall == pytest.approx(math.log(2) / math.log(999), rel=1e-2)
+
+
+def test_a_rendering_error_leaves_the_last_report_whole(tmp_path: Path) -> None:
+    """The tables and the page are rendered before any file is written: a render hook that fails must not leave
+    new tables beside the old page."""
+    from lightning_msif.reports.publish import report_scores
+
+    scores = torch.linspace(-1, 1, 12).reshape(6, 2)
+    data = torch.utils.data.TensorDataset(torch.randn(6, 16), torch.arange(6) % 2)
+    queries = torch.utils.data.TensorDataset(torch.randn(2, 16), torch.arange(2))
+    report_scores(scores, {}, tmp_path, pretrain_data=data, query_data=queries, top_k=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken(example: Any) -> Any:
+        raise RuntimeError("cannot render this example")
+
+    with pytest.raises(RuntimeError, match="cannot render"):
+        report_scores(-scores, {}, tmp_path, pretrain_data=data, query_data=queries, top_k=2, render=broken)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -351,8 +351,14 @@ def check_page_options(top_k: Any, max_queries: Any) -> None:
             raise MSIFError(f"{name}={value!r}: must be an integer ≥ {least} ({what}).")
 
 
+def html_page(attribution: Attribution, views: ExampleViews, top_k: int,
+              title: str = "Multi-stage influence report", max_queries: int = MAX_QUERIES) -> str:
+    """The report of ``attribution`` as one self-contained HTML page."""
+    check_page_options(top_k, max_queries)
+    return _page(attribution, views, top_k, title, max_queries)
+
+
 def write_html(path: PathLike, attribution: Attribution, views: ExampleViews, top_k: int,
                title: str = "Multi-stage influence report", max_queries: int = MAX_QUERIES) -> Path:
     """Write the report of ``attribution`` to ``path`` atomically (temp file, fsync, rename) and return the path."""
-    check_page_options(top_k, max_queries)
-    return save_text(path, _page(attribution, views, top_k, title, max_queries))
+    return save_text(path, html_page(attribution, views, top_k, title, max_queries))

@@ -53,14 +53,19 @@ def tables(attr: Attribution, top_k: int) -> Dict[str, tuple]:
     return out
 
 
+def csv_files(attr: Attribution, top_k: int) -> Dict[str, str]:
+    """Every table as ``{<name>.csv: its text}``."""
+    return {f"{name}.csv": csv_text(rows, cols) for name, (rows, cols) in tables(attr, top_k).items()}
+
+
+def write_texts(folder: PathLike, texts: Dict[str, str]) -> List[Path]:
+    """``{file name: text}`` written into ``folder``, each file atomically."""
+    return [save_text(Path(folder) / name, text) for name, text in texts.items()]
+
+
 def write_csv_tables(folder: PathLike, attr: Attribution, top_k: int) -> List[Path]:
     """Every table as ``<folder>/<name>.csv`` (atomic)."""
-    paths = []
-    for name, (rows, cols) in tables(attr, top_k).items():
-        path = Path(folder) / f"{name}.csv"
-        save_text(path, csv_text(rows, cols))
-        paths.append(path)
-    return paths
+    return write_texts(folder, csv_files(attr, top_k))
 
 
 # -- W&B -------------------------------------------------------------------------------------------
@@ -269,12 +274,13 @@ def publish(attr: Attribution, views: ExampleViews, out_dir: PathLike, top_k: in
     Returns where things went: ``csv`` and ``html`` paths plus each sink's ``(key, value)``; a list value
     extends the list already under its key (several CSV loggers). Loggers without a sink are skipped.
     """
-    from .html import MAX_QUERIES, write_html
+    from .html import MAX_QUERIES, html_page
 
-    out = Path(out_dir)
-    written: Dict[str, Any] = {"csv": write_csv_tables(out, attr, top_k)}
-    written["html"] = write_html(out / "report.html", attr, views, top_k,
-                                 max_queries=MAX_QUERIES if max_queries is None else max_queries)
+    # Everything is rendered before anything is written: a rendering error leaves the last report whole.
+    texts = {**csv_files(attr, top_k), "report.html": html_page(
+        attr, views, top_k, max_queries=MAX_QUERIES if max_queries is None else max_queries)}
+    paths = write_texts(out_dir, texts)
+    written: Dict[str, Any] = {"csv": paths[:-1], "html": paths[-1]}
     report = ReportContext(attr, views, top_k, step, tuple(Path(f) for f in artifact_files), written["html"])
     for logger in loggers:
         sink = sink_for(logger)
