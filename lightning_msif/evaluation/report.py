@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from ..reports import figures
 from ..reports.sinks import csv_text
+from ..reports.palette import SIDES, hex_of
 from ..atomic import save_bytes, save_tensors, save_text
 from .result import COLUMNS, EvaluationResult
 
@@ -45,9 +46,9 @@ def scatter(result: EvaluationResult) -> Optional[Figure]:
     actual = result.loo_actual.reshape(-1).numpy()
     for ax, row, name in zip(axes[0], result.rows, names):
         predicted = result.predicted(name).reshape(-1).numpy()
-        ax.scatter(predicted, actual, s=6, alpha=0.5, color="#2471a3", linewidths=0)
+        ax.scatter(predicted, actual, s=6, alpha=0.5, color=hex_of(SIDES["helpful"]), linewidths=0)  # the reports' blue
         low, high = min(predicted.min(), actual.min()), max(predicted.max(), actual.max())
-        ax.plot([low, high], [low, high], color="#9aa5b1", linewidth=0.8)  # y = x: the scale the scores claim
+        ax.plot([low, high], [low, high], color=hex_of(SIDES["neutral"]), linewidth=0.8)  # y = x: the scale the scores claim
         ax.set_title(f"{name}: r = {row['loo_pearson']:.3f}", fontsize=9)
         ax.set_xlabel("predicted −S/n", fontsize=8)
         ax.tick_params(labelsize=7)
