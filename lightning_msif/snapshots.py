@@ -699,7 +699,9 @@ class SnapshotDir:
         spans = sorted(store.spans())
         if [a for a, _ in spans] != [b for _, b in [(0, 0), *spans[:-1]]] or not spans or spans[-1][1] != n:
             raise MSIFError(f"The streamed scores in {store.folder} cover rows {spans[:3]}… of {n}: some blocks are "
-                            "missing. Score again (the run resumes from the blocks it has).")
+                            "missing. Every rank writes its blocks under snapshot_dir, so with several nodes it must "
+                            "be one shared filesystem (or set stream_scores=False to gather them). Score again: the "
+                            "run resumes from the blocks it has.")
         folder = self.root / self.SCORE_BLOCKS / secrets.token_hex(8)
         remove_stale(self.root / self.SCORE_BLOCKS)
         new = temp_path(folder, "new")

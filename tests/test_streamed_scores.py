@@ -210,3 +210,14 @@ def test_msif_report_from_streamed_blocks_to_wandb_offline(two_runs, tmp_path, w
     staged = {m.path: m.local_path for m in art.manifest.contents}
     assert {"scores.0-4.safetensors", "scores.12-13.safetensors", "scores.yaml"} <= set(staged)
     assert _csv(folder / "report" / "top_k.csv") == _csv(root / "dense" / "report" / "top_k.csv")
+
+
+def test_blocks_another_node_kept_are_named_as_missing(two_runs, tmp_path):
+    """A rank whose blocks did not reach rank 0's filesystem (several nodes, no shared folder) is refused by name."""
+    from lightning_msif.snapshots import FileStore
+
+    store = FileStore(tmp_path / "work")
+    for start, stop in ((0, 4), (8, 12), (12, 13)):  # rows 4-8 were written on another node
+        store.put(f"scores.{start}-{stop}", torch.zeros(stop - start, 5))
+    with pytest.raises(MSIFError, match="some blocks are missing.*shared filesystem.*stream_scores=False"):
+        SnapshotDir(tmp_path / "snap").write_score_blocks(store, (13, 5), {"mode": "fixed"})
