@@ -212,7 +212,7 @@ def test_msif_report_from_streamed_blocks_to_wandb_offline(two_runs, tmp_path, w
     assert _csv(folder / "report" / "top_k.csv") == _csv(root / "dense" / "report" / "top_k.csv")
 
 
-def test_blocks_another_node_kept_are_named_as_missing(two_runs, tmp_path):
+def test_blocks_another_node_kept_are_named_as_missing(tmp_path):
     """A rank whose blocks did not reach rank 0's filesystem (several nodes, no shared folder) is refused by name."""
     from lightning_msif.snapshots import FileStore
 
