@@ -449,3 +449,34 @@ def test_a_scoring_run_hashes_each_dataset_once(tmp_path, monkeypatch):
     monkeypatch.setattr(scoring_job, "fingerprint", counting)
     rescore(tmp_path, progress=False)
     assert sorted(hashed) == [5, 11, 13]  # query, finetune, pretraining: each once
+
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "worker-processes"])
+def test_a_single_epoch_run_is_caught_from_its_steps_when_its_loader_allows(tmp_path, monkeypatch, workers):
+    """One epoch (common for large pretraining sets): its first batches feed the moments, the rest the rows. An
+    in-process loader reads its sampler at the first batch, so the rows are traced; worker processes started in
+    the fit loop's set-up drew the indices before any callback ran: found out at the first batch, with a warning,
+    and every row is filled after fit. Either way the index is exact at full dimension (lr = 0)."""
+    import warnings
+
+    import lightning_msif.callbacks.step_index as step_index
+    from lightning_msif import compute_single_stage
+
+    monkeypatch.setattr(step_index, "BASIS_EXAMPLES", 4)  # the moments from the first batch of 4 examples
+    dm, module = TinyDataModule(), TinyModule(lr=0.0)
+    dm.setup("fit")
+    loader = DataLoader(dm.train_set, batch_size=4, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    pre_cb = PretrainingSnapshot(tmp_path, index_dim=8, index_dtype="float64", index_capture="last_epoch",
+                                 progress=False)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        trainer(callbacks=[pre_cb], max_epochs=1).fit(module, loader)
+    assert len([w for w in warned if "cannot be traced" in str(w.message)]) == (1 if workers else 0)
+    snapshots = SnapshotDir(tmp_path)
+    manifest = OmegaConf.load(snapshots.index_dir / "manifest.yaml")
+    assert (manifest.steps.caught, manifest.steps.filled) == ((9, 4) if workers == 0 else (0, 13))
+    index = snapshots.read_index(str(snapshots.manifest("pretrain").weights.sha256), None)
+    data, queries = DataLoader(dm.train_set, batch_size=4), DataLoader(dm.val_set, batch_size=5)
+    exact = compute_single_stage(module, data, queries, damping=0.01).scores
+    assert rel_err(compute_single_stage(module, data, queries, damping=0.01, index=index).scores, exact) <= 1e-10

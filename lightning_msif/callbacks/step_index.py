@@ -145,27 +145,37 @@ class LastEpochIndex:
             self._attach(trainer)
 
     def _attach(self, trainer: "pl.Trainer") -> None:
-        """Record the indices the sampler hands out this epoch (not in the first epoch: Lightning starts that
-        epoch's loader before any callback runs, so its first batches would go unrecorded)."""
+        """Record the indices the sampler hands out this epoch. A loader reads its batch sampler's sampler when it
+        draws its first batch; one that drew before any callback ran (the first epoch's worker processes start in
+        the fit loop's set-up) is found out at that batch (``_traced``)."""
         batch_sampler = getattr(_loader(trainer), "batch_sampler", None)
-        if trainer.current_epoch == 0 or getattr(batch_sampler, "sampler", None) is None:
-            rank_zero_warn("lightning-msif: the batches of this epoch cannot be traced to dataset indices (the first "
-                           "epoch, or a loader without a sampler inside a batch sampler); the gradient index is "
-                           "captured after training instead.")
+        if getattr(batch_sampler, "sampler", None) is None:
+            self._untraced("a loader without a sampler inside a batch sampler")
             return
         self.log = SamplerLog(batch_sampler.sampler)
         batch_sampler.sampler = self.log
 
-    def on_train_epoch_end(self, trainer: "pl.Trainer") -> None:
+    @staticmethod
+    def _untraced(why: str) -> None:
+        rank_zero_warn(f"lightning-msif: the batches of this epoch cannot be traced to dataset indices ({why}); the "
+                       "gradient index is captured after training instead.")
+
+    def _detach(self, trainer: "pl.Trainer") -> None:
         if self.log is not None:
             getattr(_loader(trainer), "batch_sampler").sampler = self.log.inner
             self.log = None
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer") -> None:
+        self._detach(trainer)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", batch: Any, batch_idx: int) -> None:
         if self.phase is None:
             return
         b = batch_size_of(batch)
         self.idx = self.log.take(b) if self.log is not None else None
+        if self.log is not None and self.idx is None and batch_idx == 0:
+            self._detach(trainer)
+            self._untraced("the loader's worker processes drew them before the epoch began, as in the first epoch")
         k = self._basis_batches(trainer)
         self.doing = None
         if self.phase == "moments":
