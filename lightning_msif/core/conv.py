@@ -29,9 +29,12 @@ def bordered(moment: torch.Tensor, total: torch.Tensor, count: float) -> torch.T
     return torch.cat([top, torch.cat([total, total.new_tensor([count])])[None]], 0)
 
 
-def patch_moment(conv: nn.Conv2d, x: torch.Tensor, bias: bool, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def patch_moment(conv: nn.Conv2d, x: torch.Tensor, bias: bool, dtype: torch.dtype,
+                 out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """``Σ ã ãᵀ`` over every example and output position, ``[in', in']`` in ``dtype`` (products in ``x``'s
-    precision); None where the vertical stride is not 1 (the caller unfolds)."""
+    precision), added into ``out`` when given (a running sum: each block of kernel-row pairs goes straight to its
+    place, so the square is never assembled, permuted or copied); None where the vertical stride is not 1 (the
+    caller unfolds)."""
     if conv.stride[0] != 1:
         return None
     b, c, h, w = x.shape
@@ -40,13 +43,15 @@ def patch_moment(conv: nn.Conv2d, x: torch.Tensor, bias: bool, dtype: torch.dtyp
     w_out = (w + 2 * conv.padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
     y = width_view(conv, x, w_out).reshape(c * kw, h, b * w_out)
     windows = [(r, r + end - first) for first, end, r in kernel_rows(conv, h, h_out)]
+    n = c * kh * kw
+    size = n + int(bias)
+    acc = torch.zeros(size, size, dtype=dtype, device=x.device) if out is None else out
+    places = acc[:n, :n].view(c, kh, kw, c, kh, kw)  # [channel, kernel row, kernel column] on both sides
 
     def product(lo: int, hi: int, lag: int) -> torch.Tensor:
         rows = y[:, lo:hi].reshape(y.shape[0], -1)
         return (rows @ y[:, lo + lag:hi + lag].reshape(y.shape[0], -1).T).to(dtype)
 
-    zero = torch.zeros(c * kw, c * kw, dtype=dtype, device=x.device)
-    blocks = [[zero] * kh for _ in range(kh)]
     for m in range(kh):
         lag, end = m * dh, h - m * dh  # rows r whose partner r + lag exists
         full = None
@@ -60,14 +65,17 @@ def patch_moment(conv: nn.Conv2d, x: torch.Tensor, bias: bool, dtype: torch.dtyp
                 full = product(0, end, lag) if full is None else full
                 block = full - product(0, lo, lag) if lo else full
                 block = block - product(hi, end, lag) if hi < end else block
-            blocks[i][i + m], blocks[i + m][i] = block, block.T
-    moment = torch.stack([torch.stack(row) for row in blocks]).view(kh, kh, c, kw, c, kw)
-    moment = moment.permute(2, 0, 3, 4, 1, 5).reshape(c * kh * kw, c * kh * kw)
-    if not bias:
-        return moment
-    sums = y.sum(2, dtype=dtype)  # [C·kw, H]
-    total = torch.stack([sums[:, lo:hi].sum(1) for lo, hi in windows]).view(kh, c, kw).transpose(0, 1).reshape(-1)
-    return bordered(moment, total, float(b * h_out * w_out))
+            block = block.view(c, kw, c, kw)
+            places[:, i, :, :, i + m, :] += block
+            if m:
+                places[:, i + m, :, :, i, :] += block.permute(2, 3, 0, 1)
+    if bias:
+        sums = y.sum(2, dtype=dtype)  # [C·kw, H]
+        total = torch.stack([sums[:, lo:hi].sum(1) for lo, hi in windows]).view(kh, c, kw).transpose(0, 1).reshape(-1)
+        acc[:n, n] += total
+        acc[n, :n] += total
+        acc[n, n] += float(b * h_out * w_out)
+    return acc
 
 
 def rotated_patches(conv: nn.Conv2d, x: torch.Tensor, q_a: torch.Tensor, bias: bool) -> torch.Tensor:

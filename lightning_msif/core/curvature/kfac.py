@@ -113,18 +113,20 @@ class KFACFit:
         return self.obj.comm.all_reduce_sum(t)
 
 
-def _input_moment(layer: Layer, call: Call, dtype: torch.dtype) -> torch.Tensor:
+def _input_moment(layer: Layer, call: Call, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``Σ ã ãᵀ`` over a call's examples and positions (``ã``: the input, a 1 appended with a bias), products in the
-    data's precision, the sum in ``dtype``; a convolution's without unfolding its input where it can."""
+    data's precision, the sum in ``dtype`` (added into ``out``, a running sum, when given); a convolution's without
+    unfolding its input where it can."""
     bias = layer.bias is not None
     if layer.kind == "conv2d":
-        moment = patch_moment(layer.module, call.inputs, bias, dtype)
+        moment = patch_moment(layer.module, call.inputs, bias, dtype, out)
         if moment is not None:
             return moment
     a = token_inputs(layer, call)
     a = a.reshape(-1, a.shape[-1])
     moment = (a.T @ a).to(dtype)
-    return bordered(moment, a.sum(0, dtype=dtype), float(a.shape[0])) if bias else moment
+    moment = bordered(moment, a.sum(0, dtype=dtype), float(a.shape[0])) if bias else moment
+    return moment if out is None else out.add_(moment)
 
 
 def _rotated_embedding_grads(block: Block, calls: Sequence[Call]) -> Optional[torch.Tensor]:
@@ -170,7 +172,7 @@ class Moments:
                 if block.kind == "kronecker":
                     g = token_grads(block.layer, call)
                     g = g.reshape(-1, g.shape[-1])
-                    self._add(i, "A", _input_moment(block.layer, call, dt))
+                    self.sums[i]["A"] = _input_moment(block.layer, call, dt, self.sums[i].get("A"))  # summed in place
                     self._add(i, "S", g.T @ g)  # products in the data's precision, sums in covariance_dtype
                     self._add(i, "positions", torch.tensor(float(g.shape[0])))
                 else:  # embedding: one-hot inputs, so Ā is the token counts
