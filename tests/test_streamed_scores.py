@@ -20,8 +20,9 @@ from reference import loader, rel_err, trained_problem
 
 import lightning_msif.core.influence as influence
 import lightning_msif.core.scoring as scoring
-from lightning_msif import (InfluenceArguments, MSIFError, MemoryIndexStore, MultiStageInfluence, PretrainingSnapshot, SnapshotDir,
-                            capture_gradient_index, compute_multistage, load_pretrained, per_example_gradients, rescore)
+from lightning_msif import (InfluenceArguments, MSIFError, MemoryIndexStore, MultiStageInfluence, PretrainingSnapshot,
+                            SnapshotDir, capture_gradient_index, compute_multistage, load_pretrained,
+                            per_example_gradients, rescore)
 from lightning_msif.reports.attribution import Attribution
 
 FIXED = dict(mode="fixed", damping=0.01, scoring="grad")  # pinned: "auto" picks by timing (last bits)
@@ -155,6 +156,10 @@ def two_runs(tmp_path_factory):
     return root, out
 
 
+def _arguments(**settings) -> InfluenceArguments:
+    return InfluenceArguments(shared="backbone", **FIXED, **settings)
+
+
 def _csv(path: Path):
     with open(path, newline="") as fh:
         return list(csv.reader(fh))
@@ -186,10 +191,11 @@ def test_a_changed_or_missing_block_is_refused_and_a_matrix_replaces_the_blocks(
     (blocks / "scores.4-8.safetensors").unlink()
     with pytest.raises(MSIFError, match="The score block .*scores.4-8.safetensors is missing. Score again"):
         snapshots.read_scores()
-    outcome = rescore(folder, InfluenceArguments(shared="backbone", **FIXED, stream_scores=False), progress=False)
-    assert outcome.scores is not None and rel_err(outcome.scores, MultiStageInfluence.load_scores(root / "dense")) < 1e-10
+    outcome = rescore(folder, _arguments(stream_scores=False), progress=False)
+    dense = MultiStageInfluence.load_scores(root / "dense")
+    assert outcome.scores is not None and rel_err(outcome.scores, dense) < 1e-10
     assert not blocks.exists() and snapshots.scores_path.exists()  # the matrix replaced the streamed blocks
-    assert rescore(folder, InfluenceArguments(shared="backbone", **FIXED, stream_scores=True), progress=False).scores is None
+    assert rescore(folder, _arguments(stream_scores=True), progress=False).scores is None
     assert not snapshots.scores_path.exists() and snapshots.scores_record().layout == "blocks"
 
 

@@ -48,7 +48,8 @@ def scatter(result: EvaluationResult) -> Optional[Figure]:
         predicted = result.predicted(name).reshape(-1).numpy()
         ax.scatter(predicted, actual, s=6, alpha=0.5, color=hex_of(SIDES["helpful"]), linewidths=0)  # the reports' blue
         low, high = min(predicted.min(), actual.min()), max(predicted.max(), actual.max())
-        ax.plot([low, high], [low, high], color=hex_of(SIDES["neutral"]), linewidth=0.8)  # y = x: the scale the scores claim
+        # y = x: the scale the scores claim
+        ax.plot([low, high], [low, high], color=hex_of(SIDES["neutral"]), linewidth=0.8)
         ax.set_title(f"{name}: r = {row['loo_pearson']:.3f}", fontsize=9)
         ax.set_xlabel("predicted −S/n", fontsize=8)
         ax.tick_params(labelsize=7)
