@@ -25,7 +25,8 @@ from typing import Any, Dict
 import torch
 
 from lightning_msif.core.comm import LocalComm
-from lightning_msif.core.index import block_key, blocks, index_scores
+from lightning_msif.core.index import block_key, index_scores
+from lightning_msif.core.scoring import blocks
 from lightning_msif.reports.publish import report_scores
 from lightning_msif.snapshots import IndexFiles, SnapshotDir
 

@@ -28,7 +28,7 @@ from .atomic import (PathLike, fsync_dir, is_stale, remove_stale, save_tensors, 
                      temp_target)
 from .core.index import GradientIndex
 from .core.params import shared_names
-from .core.scoring import DenseScores, ScoreMatrix
+from .core.scoring import DenseScores, ScoreMatrix, block_name
 from .errors import MSIFError
 from .trust import Trust, load_class, sign
 from .version import __version__
@@ -708,7 +708,7 @@ class SnapshotDir:
         new.mkdir(parents=True)
         hashes = {}
         for start, stop in spans:
-            source = store.path(f"scores.{start}-{stop}")
+            source = store.path(block_name(start, stop))
             _link_or_copy(str(source), str(new / source.name))
             with safe_open(str(source), framework="pt") as fh:
                 hashes[f"{start}-{stop}"] = (fh.metadata() or {})[HASH_KEY]
@@ -782,7 +782,7 @@ class ScoreFiles:
 
     def blocks(self) -> Iterator[Tuple[int, torch.Tensor]]:
         for start, stop in self.spans:
-            path = self.folder / f"scores.{start}-{stop}.safetensors"
+            path = self.folder / f"{block_name(start, stop)}.safetensors"
             if not path.exists():
                 raise MSIFError(f"The score block {path} is missing. {self.fix}")
             tensors, meta = load_checked(path, self.fix)

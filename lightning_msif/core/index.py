@@ -15,7 +15,7 @@ import torch
 from ..errors import MSIFError
 from .objective import Objective
 from .projection import Projection
-from .scoring import DEFAULT_BLOCK, SCORING_BATCH_FACTOR, RowBlocks, ScoreStore
+from .scoring import DEFAULT_BLOCK, SCORING_BATCH_FACTOR, RowBlocks, ScoreStore, blocks, row_blocks
 
 INDEX_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -72,11 +72,6 @@ class GradientIndex:
     block: int = DEFAULT_BLOCK
 
 
-def blocks(n: int, block: int = DEFAULT_BLOCK) -> List[Tuple[int, int]]:
-    """The fixed global blocks ``[start, stop)`` of ``n`` examples."""
-    return [(start, min(start + block, n)) for start in range(0, n, block)]
-
-
 def block_key(start: int, stop: int) -> str:
     return f"rows.{start}-{stop}"
 
@@ -93,7 +88,7 @@ def capture_index(obj: Objective, projection: Projection, store: IndexStore, dty
         raise MSIFError(f"No {obj.role} examples to index: pass data with examples.")
     size = max(1, SCORING_BATCH_FACTOR * obj.source.batch_size)
     done = kept = 0
-    for start, stop in blocks(n, block)[comm.rank::comm.world_size]:
+    for start, stop in row_blocks(n, block, comm):
         key = block_key(start, stop)
         if store.has(key):
             kept += stop - start

@@ -135,9 +135,14 @@ def score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, method: str,
     return out.finish()
 
 
+def blocks(n: int, block: int = DEFAULT_BLOCK) -> List[Tuple[int, int]]:
+    """The fixed global blocks ``[start, stop)`` of ``n`` examples."""
+    return [(start, min(start + block, n)) for start in range(0, n, block)]
+
+
 def row_blocks(n: int, block: int, comm: Any) -> List[Tuple[int, int]]:
     """This rank's ``(start, stop)`` blocks of ``n`` rows: fixed global blocks of ``block`` rows, round-robin."""
-    return [(start, min(start + block, n)) for start in range(0, n, block)][comm.rank :: comm.world_size]
+    return blocks(n, block)[comm.rank :: comm.world_size]
 
 
 def block_name(start: int, stop: int) -> str:

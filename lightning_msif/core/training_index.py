@@ -34,7 +34,8 @@ from ..errors import MSIFError
 from .comm import Communicator
 from .curvature.kfac import KFACCurvature, KFACOptions, Moments, KFACFit
 from .data import to_device
-from .index import INDEX_DTYPES, IndexStore, blocks, block_key
+from .index import INDEX_DTYPES, IndexStore, block_key
+from .scoring import blocks, row_blocks
 from .layers import StepCapture, covered_grads
 from .objective import Objective, full_precision
 from .params import ParamSpace
@@ -196,7 +197,7 @@ def assemble(pieces: IndexStore, store: IndexStore, obj: Objective, projection: 
     caught = filled = 0
     width = projection.out_dim
     keys = pieces.keys()
-    for start, stop in blocks(n, block)[comm.rank::comm.world_size]:
+    for start, stop in row_blocks(n, block, comm):
         key = block_key(start, stop)
         mine = [k[: -len(".idx")] for k in keys if k.startswith(f"piece.{start}-{stop}.") and k.endswith(".idx")]
         if not store.has(key):
