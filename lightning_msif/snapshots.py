@@ -697,7 +697,7 @@ class SnapshotDir:
         replaced the previous scores stay whole; afterwards the previous files are removed."""
         n, k = shape
         spans = sorted(store.spans())
-        if [a for a, _ in spans] != [b for _, b in [(0, 0), *spans[:-1]]] or not spans or spans[-1][1] != n:
+        if not _tiles(spans, n):
             raise MSIFError(f"The streamed scores in {store.folder} cover rows {spans[:3]}… of {n}: some blocks are "
                             "missing. Every rank writes its blocks under snapshot_dir, so with several nodes it must "
                             "be one shared filesystem (or set stream_scores=False to gather them). Score again: the "
@@ -767,6 +767,12 @@ class SnapshotDir:
         return torch.cat([rows for _, rows in matrix.blocks()]), record
 
 
+def _tiles(spans: List[Tuple[int, int]], n: int) -> bool:
+    """Whether the sorted ``(start, stop)`` spans cover ``0 … n − 1`` exactly, each once."""
+    stops = [stop for _, stop in spans]
+    return bool(spans) and [start for start, _ in spans] == [0, *stops[:-1]] and stops[-1] == n
+
+
 class ScoreFiles:
     """A streamed score matrix on disk (``ScoreMatrix``): its row blocks, each checked against the hash the
     record gives it when it is read."""
@@ -776,8 +782,7 @@ class ScoreFiles:
         self.n, self.k = (int(v) for v in record.shape)
         self.hashes = {tuple(int(v) for v in span.split("-")): str(sha) for span, sha in record.blocks.items()}
         self.spans = sorted(self.hashes)
-        if not self.spans or self.spans[0][0] != 0 or self.spans[-1][1] != self.n or any(
-                a[1] != b[0] for a, b in zip(self.spans, self.spans[1:])):
+        if not _tiles(self.spans, self.n):
             raise MSIFError(f"The score blocks recorded for {folder} do not cover rows 0 to {self.n - 1}. {fix}")
 
     def blocks(self) -> Iterator[Tuple[int, torch.Tensor]]:
