@@ -43,6 +43,7 @@ class ReportCommand:
     top_k: int = setting(10, "pretraining examples per query and side in the report")
     max_queries: int = setting(MAX_QUERIES, MAX_QUERIES_HELP)
     wandb: WandbConfig = setting(WandbConfig, WANDB_HELP, factory=True)
+    progress: bool = setting(True, "progress bars (true | false)")
     trust_records: bool = setting(False, TRUST_RECORDS_HELP)
     trusted_classes: List[str] = setting(list, TRUSTED_CLASSES_HELP, factory=True)
 
@@ -150,6 +151,7 @@ def run_report(cfg: Any) -> Dict[str, Any]:
     loggers = _loggers(cfg)
     written = report_scores(scores, OmegaConf.to_container(record), snapshots.report_dir, top_k=cfg.top_k,
                             max_queries=cfg.max_queries, loggers=loggers, artifact_files=snapshots.scores_files,
+                            progress=cfg.progress,
                             **examples)
     for logger in loggers:
         logger.experiment.finish()

@@ -61,3 +61,22 @@ def test_every_long_phase_shows_a_bar(monkeypatch, settings, bars) -> None:
     _scores(**settings)
     for bar in bars:
         assert re.search(bar, screen.getvalue()), screen.getvalue()[-2000:]
+
+
+def test_a_report_read_block_by_block_shows_its_passes(monkeypatch) -> None:
+    """The report's passes over the scores (a streamed matrix may be far larger than memory) show their rows."""
+    import torch
+
+    from lightning_msif.reports.attribution import Attribution
+    from lightning_msif.core.scoring import DenseScores
+
+    screen = terminal(monkeypatch)
+    att = Attribution(DenseScores(torch.randn(9000, 3, generator=torch.Generator().manual_seed(0))), progress=True)
+    att.top_k(2)
+    att.histogram()
+    shown = screen.getvalue()
+    for what in ("top lists and sums", "histogram"):  # a bar over the matrix's rows per pass (cleared when done)
+        assert re.search(rf"report: {what}: .*/9000 \[.*rows/s\]", shown), shown
+    quiet = terminal(monkeypatch)
+    Attribution(torch.randn(9000, 3)).top_k(2)
+    assert quiet.getvalue() == ""

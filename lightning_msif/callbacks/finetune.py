@@ -217,7 +217,7 @@ class MultiStageInfluence(StageCallback):
                 query_data=query, finetune_model=pl_module, pretrain_class_names=self._pretrain_class_names,
                 query_class_names=class_names_of(trainer.datamodule) if trainer.datamodule else None,
                 render=self.render, top_k=self.top_k, loggers=trainer.loggers, artifact_files=outcome.files,
-                step=trainer.global_step, max_queries=self.max_queries)
+                step=trainer.global_step, max_queries=self.max_queries, progress=self.progress)
             rank_zero_info(f"[msif] report: {written['html']}")
 
 

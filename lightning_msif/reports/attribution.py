@@ -11,10 +11,11 @@ sums, the class totals and the range; one more pass counts the histogram.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..core.progress import closing, new_bar
 from ..core.scoring import DenseScores, ScoreMatrix
 from ..errors import MSIFError
 
@@ -82,6 +83,7 @@ class Attribution:
     pretrain_class_names: Optional[Sequence[str]] = None
     query_class_names: Optional[Sequence[str]] = None
     manifest: Dict[str, Any] = field(default_factory=dict)  # how the scores were computed
+    progress: bool = False  # a bar over the rows of each pass (a streamed matrix takes a while to read)
     _digests: Dict[int, Digest] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +104,15 @@ class Attribution:
         c = int(labels[i])
         return names[c] if names is not None and 0 <= c < len(names) else c
 
+    def _read(self, what: str) -> Iterator[Tuple[int, torch.Tensor]]:
+        """The matrix's row blocks, with a bar over its rows when ``progress``."""
+        bar = new_bar(self.n, f"report: {what}", "rows") if self.progress else None
+        for start, rows in self.scores.blocks():
+            yield start, rows
+            if bar is not None:
+                bar.update(len(rows))
+        closing(bar)
+
     def digest(self, top: Optional[int] = None) -> Digest:
         """One pass over the matrix (kept per ``top``; None: any pass made so far, for what does not depend on
         ``top``); an error naming the first non-finite score."""
@@ -120,7 +131,7 @@ class Attribution:
             else None
         class_rows = torch.zeros(int(labels.max()) + 1, self.k, dtype=torch.float64) if labels is not None else None
         low, high, bad, first = float("inf"), float("-inf"), 0, None
-        for start, rows in self.scores.blocks():
+        for start, rows in self._read("top lists and sums"):
             rows = rows.double()
             finite = torch.isfinite(rows)
             if not bool(finite.all()):
@@ -194,7 +205,7 @@ class Attribution:
             lo, hi = lo - 0.5, hi + 0.5
         counts = torch.zeros(bins, dtype=torch.float64)
         moments = torch.zeros(4, dtype=torch.float64)  # positive, negative, sum, sum of squares
-        for _, rows in self.scores.blocks():
+        for _, rows in self._read("histogram"):
             rows = rows.double()
             counts += torch.histc(rows, bins=bins, min=lo, max=hi)
             moments += torch.stack([(rows > 0).sum(), (rows < 0).sum(), rows.sum(), rows.square().sum()]).double()

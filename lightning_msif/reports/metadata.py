@@ -52,7 +52,7 @@ def predictions_of(model: nn.Module, data: Any) -> Optional[torch.Tensor]:
 def build_attribution(scores: Union[torch.Tensor, ScoreMatrix], pretrain_data: Any, query_data: Any,
                       finetune_model: Optional[nn.Module] = None,
                       manifest: Optional[dict] = None, pretrain_class_names: Optional[Sequence[str]] = None,
-                      query_class_names: Optional[Sequence[str]] = None) -> Attribution:
+                      query_class_names: Optional[Sequence[str]] = None, progress: bool = False) -> Attribution:
     """An ``Attribution`` with whatever labels, predictions and names the data and model give."""
     return Attribution(
         scores=scores,
@@ -62,4 +62,5 @@ def build_attribution(scores: Union[torch.Tensor, ScoreMatrix], pretrain_data: A
         pretrain_class_names=pretrain_class_names or class_names_of(pretrain_data),
         query_class_names=query_class_names or class_names_of(query_data),
         manifest=manifest or {},
+        progress=progress,
     )

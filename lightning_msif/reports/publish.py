@@ -37,10 +37,11 @@ def report_scores(scores: Union[torch.Tensor, ScoreMatrix], manifest: Dict[str, 
                   pretrain_class_names: Optional[Sequence[str]] = None,
                   query_class_names: Optional[Sequence[str]] = None, render: Optional[Renderer] = None,
                   top_k: int = 10, loggers: Iterable[Any] = (), artifact_files: Iterable[PathLike] = (),
-                  step: int = 0, max_queries: Optional[int] = None) -> Dict[str, Any]:
+                  step: int = 0, max_queries: Optional[int] = None, progress: bool = False) -> Dict[str, Any]:
     """Build the attribution and example views, write the local report to ``out_dir`` and log to ``loggers``.
 
-    ``scores``: the matrix, or a ``ScoreMatrix`` read block by block (a streamed one is never held whole).
+    ``scores``: the matrix, or a ``ScoreMatrix`` read block by block (a streamed one is never held whole);
+    ``progress``: a bar over the rows of each pass over it.
     Without data (e.g. the snapshots' modules cannot be imported) the tables come from the scores alone:
     no labels, predictions or pictures. Returns ``publish``'s record of where things went. Every option and
     input is checked before anything is written, so a refused report leaves the previous one as it was.
@@ -48,10 +49,10 @@ def report_scores(scores: Union[torch.Tensor, ScoreMatrix], manifest: Dict[str, 
     check_page_options(top_k, MAX_QUERIES if max_queries is None else max_queries)
     check_report_inputs(scores, pretrain_data, query_data)
     if pretrain_data is None and query_data is None:
-        attr = Attribution(scores, manifest=manifest)
+        attr = Attribution(scores, manifest=manifest, progress=progress)
     else:
         attr = build_attribution(scores, pretrain_data, query_data, finetune_model, manifest,
-                                 pretrain_class_names, query_class_names)
+                                 pretrain_class_names, query_class_names, progress)
     attr.digest(top_k)  # the pass over the scores, which refuses non-finite ones, before anything is written
     views = ExampleViews(pretrain_data, query_data, render)
     return publish(attr, views, out_dir, top_k, loggers, artifact_files, step, max_queries)
