@@ -123,6 +123,10 @@ def test_every_scoring_path_streams_blocks_that_join_to_its_matrix(path, monkeyp
     keys = sorted((k for k in store if k.startswith("scores.")), key=lambda k: int(k.split(".")[1].split("-")[0]))
     assert keys == ["scores.0-4", "scores.4-8", "scores.8-12", "scores.12-13"]
     assert torch.equal(torch.cat([store[k] for k in keys]), dense.scores)
+    kept = DictStore()
+    assert torch.equal(run(store=kept, stream_scores=False).scores, dense.scores)
+    saved = [k for k in kept if k.startswith("scores.")]  # the pass keeps its blocks to resume; a product does not
+    assert len(saved) == (4 if path in ("grad", "jvp", "lowrank") else 0), saved
 
 
 def test_stream_settings_are_checked(monkeypatch):

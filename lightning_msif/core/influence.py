@@ -177,6 +177,12 @@ class _Run:
         self.info["scores"] = "streamed" if stream else "gathered"
         return bool(stream)
 
+    def product_sink(self, n: int, s: torch.Tensor) -> Tuple[Optional[ScoreStore], bool]:
+        """``(store, stream)`` for scores that are one cheap product per block (stored gradients, an index): the
+        blocks go to the store only when streamed; gathered, recomputing them beats saving them."""
+        stream = self.streams(n, s)
+        return (self.store if stream else None), stream
+
     def solve(self, name: str, op: Curvature, rhs: torch.Tensor) -> torch.Tensor:
         solver, why = self.args.solver, "as configured"
         if solver == "auto":
@@ -239,8 +245,8 @@ def _score_pass(obj: Objective, space: ParamSpace, s: torch.Tensor, run: _Run) -
 
 def _stored_scores(gradients: torch.Tensor, s: torch.Tensor, run: _Run) -> Optional[torch.Tensor]:
     """Step 3 from stored per-example gradients ``[n, dim]``: one product per block of rows."""
-    stream = run.streams(len(gradients), s)
-    out = RowBlocks(run.comm, run.store if stream else None, s, stream)
+    store, stream = run.product_sink(len(gradients), s)
+    out = RowBlocks(run.comm, store, s, stream)
     for start, stop in row_blocks(len(gradients), DEFAULT_BLOCK, run.comm):
         out.add(start, stop, -(gradients[start:stop].to(s.device, s.dtype) @ s.T))
     return out.finish()
@@ -287,8 +293,8 @@ def _solve_and_score(pt: Objective, space: ParamSpace, rhs: Callable[[], torch.T
         run.info["index"] = {k: index.projection.get(k) for k in ("kind", "dim", "seed", "out_dim", "balanced")}
         bar = run.bar(index.n, f"scoring {pt.role} examples from the gradient index")
         with run.phase("score_pass"):
-            scores = index_scores(index.store, index.n, projection.vectors(s), run.comm, index.block, bar, run.store,
-                                  run.streams(index.n, s))
+            scores = index_scores(index.store, index.n, projection.vectors(s), run.comm, index.block, bar,
+                                  *run.product_sink(index.n, s))
         closing(bar)
         return scores
     return _score_pass(pt, space, s, run)
