@@ -71,12 +71,17 @@ def records(run: Path) -> List[Any]:
 
 
 def summary(run: Path) -> Dict[str, Any]:
-    """The run summary as logged (last value of each key)."""
+    """The run summary as W&B forms it: each key's last logged value, unless the summary set it later.
+
+    The history-to-summary record W&B writes itself is debounced and may miss an offline run that ends quickly,
+    so the history records are read too.
+    """
     out: Dict[str, Any] = {}
     for rec in records(run):
-        if rec.WhichOneof("record_type") == "summary":
-            for item in rec.summary.update:
-                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        kind = rec.WhichOneof("record_type")
+        items = rec.summary.update if kind == "summary" else rec.history.item if kind == "history" else ()
+        for item in items:
+            out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return out
 
 
