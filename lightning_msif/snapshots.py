@@ -28,7 +28,7 @@ from .atomic import (PathLike, fsync_dir, is_stale, remove_stale, save_tensors, 
                      temp_target)
 from .core.index import GradientIndex
 from .core.params import shared_names
-from .core.scoring import DenseScores, ScoreMatrix, block_name
+from .core.scoring import DenseScores, ScoreMatrix, block_name, block_span
 from .errors import MSIFError
 from .trust import Trust, load_class, sign
 from .version import __version__
@@ -297,10 +297,9 @@ class FileStore:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
 
-    def spans(self) -> List[Tuple[int, int]]:
-        """The ``(start, stop)`` of every score block here (``scores.<start>-<stop>``)."""
-        names = (p.name[len("scores."):-len(".safetensors")] for p in self.folder.glob("scores.*-*.safetensors"))
-        return [(int(a), int(b)) for a, _, b in (name.partition("-") for name in names)]
+    def keys(self) -> List[str]:
+        """Every key held."""
+        return [p.name[: -len(".safetensors")] for p in self.folder.glob("*.safetensors")]
 
     def get(self, key: str) -> Optional[torch.Tensor]:
         path = self.path(key)
@@ -696,7 +695,7 @@ class SnapshotDir:
         ``score-blocks/<id>/`` and then named, with their hashes, by ``scores.yaml``. Until that record is
         replaced the previous scores stay whole; afterwards the previous files are removed."""
         n, k = shape
-        spans = sorted(store.spans())
+        spans = sorted(filter(None, map(block_span, store.keys())))
         if not _tiles(spans, n):
             raise MSIFError(f"The streamed scores in {store.folder} cover rows {spans[:3]}… of {n}: some blocks are "
                             "missing. Every rank writes its blocks under snapshot_dir, so with several nodes it must "

@@ -229,5 +229,6 @@ def test_blocks_another_node_kept_are_named_as_missing(tmp_path):
     store = FileStore(tmp_path / "work")
     for start, stop in ((0, 4), (8, 12), (12, 13)):  # rows 4-8 were written on another node
         store.put(f"scores.{start}-{stop}", torch.zeros(stop - start, 5))
+    store.put("solved.rank0", torch.zeros(3))  # the run's other partial results are not blocks
     with pytest.raises(MSIFError, match="some blocks are missing.*shared filesystem.*stream_scores=False"):
         SnapshotDir(tmp_path / "snap").write_score_blocks(store, (13, 5), {"mode": "fixed"})

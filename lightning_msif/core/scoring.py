@@ -7,6 +7,7 @@ to hold is *streamed*: its blocks stay in the store only and are never gathered 
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
@@ -148,6 +149,12 @@ def row_blocks(n: int, block: int, comm: Any) -> List[Tuple[int, int]]:
 def block_name(start: int, stop: int) -> str:
     """The store key of the score rows ``start:stop``."""
     return f"scores.{start}-{stop}"
+
+
+def block_span(key: str) -> Optional[Tuple[int, int]]:
+    """``(start, stop)`` of a ``block_name`` key; None for any other key."""
+    found = re.fullmatch(r"scores\.(\d+)-(\d+)", key)
+    return (int(found[1]), int(found[2])) if found else None
 
 
 class RowBlocks:
