@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
@@ -47,18 +48,35 @@ def media(run: Path, kind: str) -> List[Path]:
     return sorted((run / "files" / "media" / kind).rglob("*.*"))
 
 
-def records(run: Path) -> List[Any]:
-    """The protobuf records of an offline run's ``run-*.wandb`` file (LevelDB log format, 32 KiB blocks)."""
+def records(run: Path, wait: float = 60.0) -> List[Any]:
+    """The protobuf records of an offline run's ``run-*.wandb`` file, once W&B has written them all.
+
+    ``run.finish()`` can return before W&B's service process has flushed the file (it closes it when it tears the
+    run's stream down), so the file is read again until its last record, ``exit``, is there.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        out = _parse(next(run.glob("run-*.wandb")).read_bytes())
+        kinds = [rec.WhichOneof("record_type") for rec in out]
+        if "exit" in kinds:
+            return out
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{run} has no exit record after {wait:.0f} s: W&B did not finish writing it "
+                                 f"(records so far: {kinds})")
+        time.sleep(0.1)
+
+
+def _parse(raw: bytes) -> List[Any]:
+    """The complete records of a ``.wandb`` file (a 7-byte header, then LevelDB's log format in 32 KiB blocks)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    raw = next(run.glob("run-*.wandb")).read_bytes()
     block, pos, out, pending = 32768, 7, [], b""
     while pos + 7 <= len(raw):
         if block - pos % block < 7:  # block trailer too short for a header: padding
             pos += block - pos % block
             continue
         length, kind = int.from_bytes(raw[pos + 4 : pos + 6], "little"), raw[pos + 6]
-        if kind == 0 and length == 0:
+        if (kind == 0 and length == 0) or pos + 7 + length > len(raw):  # the end, or a record still being written
             break
         pending += raw[pos + 7 : pos + 7 + length]
         pos += 7 + length
@@ -71,11 +89,8 @@ def records(run: Path) -> List[Any]:
 
 
 def summary(run: Path) -> Dict[str, Any]:
-    """The run summary as W&B forms it: each key's last logged value, unless the summary set it later.
-
-    The history-to-summary record W&B writes itself is debounced and may miss an offline run that ends quickly,
-    so the history records are read too.
-    """
+    """The run summary as W&B forms it: each key's last logged value, unless the summary set it later (read from
+    the history records themselves, not only from the summary records W&B derives from them)."""
     out: Dict[str, Any] = {}
     for rec in records(run):
         kind = rec.WhichOneof("record_type")
